@@ -1,0 +1,220 @@
+"""One streamed chat-completion attempt over aiohttp.
+
+Posts a pre-encoded body, feeds the response into :class:`~batchgate.sse.SSEDecoder` and maps
+every failure onto the :mod:`batchgate.errors` tree.  It never retries, schedules or writes files.
+The per-chunk loop is the hottest code in batchgate: one ``orjson.loads`` and a few dict lookups
+per chunk, content pieces collected in a list and joined once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from .errors import (
+    ApiError,
+    AttemptTimeout,
+    AuthError,
+    BadRequest,
+    InsufficientBalance,
+    RateLimited,
+    ServerError,
+    StreamInterrupted,
+    StreamProtocolError,
+)
+from .sse import SSEDecoder
+
+__all__ = ["Completion", "ConnectFailed", "make_session", "stream_completion"]
+
+_loads = orjson.loads
+_monotonic = time.monotonic
+_CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
+
+
+class ConnectFailed(StreamInterrupted):
+    """The server could not be reached at all (refused, DNS, TLS)."""
+
+    kind = "connect_failed"
+
+
+class Completion:
+    """What one successful attempt produced."""
+
+    __slots__ = ("content", "finish_reason", "received_tokens", "ttft_s", "usage")
+
+    def __init__(
+        self,
+        content: str,
+        finish_reason: str | None,
+        usage: dict[str, Any] | None,
+        ttft_s: float | None,
+        received_tokens: int,
+    ) -> None:
+        self.content = content
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.ttft_s = ttft_s
+        self.received_tokens = received_tokens
+
+
+def make_session(
+    api_key: str, *, concurrency: int, connect_timeout_s: float, idle_timeout_s: float
+) -> aiohttp.ClientSession:
+    """One session for the whole run: pool sized to the concurrency, key in default headers."""
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+    )
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+    }
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers, raise_for_status=False, auto_decompress=True
+    )
+
+
+def request_headers(prompt_id: str) -> dict[str, str]:
+    """Per-request headers: the prompt id lets the server side (and our simulator) match requests."""
+    return {"X-Client-Request-Id": quote(prompt_id, safe="")[:256]}
+
+
+async def stream_completion(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str] | None = None
+) -> Completion:
+    """Run one attempt to completion.
+
+    Raises an :class:`~batchgate.errors.ApiError` subclass carrying what was received before
+    the failure (for unconfirmed-cost accounting).
+    """
+    started = _monotonic()
+    parts: list[str] = []
+    usage: dict[str, Any] | None = None
+    finish: str | None = None
+    ttft: float | None = None
+    done = False
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            if resp.status != 200:
+                raise await _http_error(resp)
+            decoder = SSEDecoder()
+            feed = decoder.feed
+            append = parts.append
+            async for raw in resp.content.iter_any():
+                for payload in feed(raw):
+                    if payload == b"[DONE]":
+                        done = True
+                        continue
+                    obj = _loads(payload)
+                    choices = obj.get("choices")
+                    if choices:
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        if delta:
+                            text = delta.get("content")
+                            if text:
+                                if ttft is None:
+                                    ttft = _monotonic() - started
+                                append(text)
+                        reason = choice.get("finish_reason")
+                        if reason:
+                            finish = reason
+                    if obj.get("usage"):
+                        usage = obj["usage"]
+                    elif "error" in obj:
+                        raise _stream_error(obj["error"], parts)
+            for payload in decoder.flush():
+                if payload == b"[DONE]":
+                    done = True
+    except ApiError:
+        raise
+    except orjson.JSONDecodeError as exc:
+        raise StreamProtocolError(
+            f"server sent a chunk that is not JSON: {exc}", received_tokens=len(parts), content="".join(parts)
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise ConnectFailed(f"cannot connect to {url}: {exc.os_error or exc}") from None
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise AttemptTimeout(
+            f"no data for too long ({type(exc).__name__})", received_tokens=len(parts), content="".join(parts)
+        ) from None
+    except _CUT as exc:
+        raise StreamInterrupted(
+            f"connection lost mid-stream ({type(exc).__name__}: {exc})",
+            received_tokens=len(parts),
+            content="".join(parts),
+        ) from None
+    if usage is None and not done:
+        raise StreamInterrupted(
+            "stream ended before its usage chunk", received_tokens=len(parts), content="".join(parts)
+        )
+    return Completion("".join(parts), finish, usage, ttft, len(parts))
+
+
+def _stream_error(err: Any, parts: list[str]) -> ApiError:
+    message = err.get("message") if isinstance(err, dict) else str(err)
+    code = err.get("code") if isinstance(err, dict) else None
+    status = code if isinstance(code, int) else None
+    kind = err.get("type") if isinstance(err, dict) else None
+    if status == 402 or kind == "insufficient_balance":
+        return InsufficientBalance(f"error sent mid-stream: {message}", status=402)
+    return StreamInterrupted(
+        f"error sent mid-stream: {message}", status=status, received_tokens=len(parts), content="".join(parts)
+    )
+
+
+async def _http_error(resp: aiohttp.ClientResponse) -> ApiError:
+    status = resp.status
+    try:
+        raw = await resp.read()
+    except (TimeoutError, aiohttp.ClientError):
+        raw = b""
+    message = _error_message(raw) or resp.reason or "no message"
+    if status == 429:
+        return RateLimited(
+            message, status=status, retry_after=parse_retry_after(resp.headers.get("Retry-After"))
+        )
+    if status >= 500:
+        return ServerError(message, status=status)
+    if status in (408, 409, 425):
+        return ServerError(message, status=status)
+    if status in (401, 403):
+        return AuthError(message, status=status)
+    if status == 402:
+        return InsufficientBalance(message, status=status)
+    return BadRequest(message, status=status)
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        obj = _loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace").strip()[:300]
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"][:300]
+        if isinstance(err, str):
+            return err[:300]
+    return raw.decode("utf-8", "replace").strip()[:300]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

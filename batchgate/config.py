@@ -1,0 +1,56 @@
+"""Run settings and where the API key comes from. No click: the CLI fills these in."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "load_api_key"]
+
+DEFAULT_BASE_URL = "https://api.gonkagate.com/v1"
+KEY_ENV = "GONKAGATE_API_KEY"
+BASE_URL_ENV = "GONKAGATE_BASE_URL"
+
+
+@dataclass(slots=True)
+class RunConfig:
+    """Everything a run needs besides its inputs."""
+
+    out_dir: Path
+    api_key: str = field(repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    default_model: str | None = None
+    concurrency: int = 16
+    max_attempts: int = 5
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0  # longest silence between two chunks before a stream counts as stalled
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_cost_usd: float | None = None
+    rpm: float | None = None
+    grace_s: float = 30.0
+    jobs: list[str] | None = None  # job name per input (default: each file's stem)
+
+
+def load_api_key(key_file: str | Path | None = None) -> str:
+    """The key from ``--api-key-file`` or ``$GONKAGATE_API_KEY``; never from argv.
+
+    Raises InputError (never echoing the key) when neither gives one.
+    """
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InputError(f"{key_file}: cannot read API key file ({exc.strerror or exc})") from None
+        if not key:
+            raise InputError(f"{key_file}: API key file is empty")
+        return key
+    key = os.environ.get(KEY_ENV, "").strip()
+    if not key:
+        raise InputError(
+            f"no API key: set {KEY_ENV} or pass --api-key-file PATH (or use --simulate to try without one)"
+        )
+    return key

@@ -1,0 +1,213 @@
+"""The run ledger: ``DIR/results.jsonl``, append-only, one JSON row per finished request.
+
+It is the sole record of run state: resume reads it back, reports aggregate it.  Rows are
+appended with ``O_APPEND`` in batches (everything finished in one event-loop tick goes out in
+one ``write``), so ``kill -9`` can lose at most the rows of the current tick, and a crash can
+leave at most one torn last line, which :meth:`Ledger.open` sets aside on the next run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import LedgerError, OutputLocked
+
+__all__ = ["LEDGER_NAME", "Ledger", "ResumeIndex", "lock_output_dir", "write_atomic"]
+
+LEDGER_NAME = "results.jsonl"
+TORN_NAME = "results.torn.jsonl"
+LOCK_NAME = ".batchgate.lock"
+_FSYNC_EVERY_S = 1.0
+
+
+@dataclass(slots=True)
+class ResumeIndex:
+    """What an existing ledger says about its ids."""
+
+    ok_ids: set[str] = field(default_factory=set)
+    failed_ids: set[str] = field(default_factory=set)  # failed and never ok since
+    rows: int = 0
+    unreadable_lines: int = 0
+    torn_bytes: int = 0  # size of a torn last line set aside into results.torn.jsonl
+
+
+class Ledger:
+    """Appends rows to ``results.jsonl`` and reads it back for resume."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.path = out_dir / LEDGER_NAME
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._last_fsync = time.monotonic()
+        self.rows_written = 0
+
+    def open(self) -> ResumeIndex:
+        """Repair a torn tail, index the existing rows, and open for appending."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        index = ResumeIndex()
+        if self.path.exists():
+            index.torn_bytes = self._repair_tail()
+            _index_rows(self.path, index)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
+        return index
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Queue a row; :meth:`flush` writes every queued row in one system call."""
+        self._pending.append(orjson.dumps(row) + b"\n")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self, *, sync: bool = False) -> None:
+        if self._pending and self._fd is not None:
+            data = b"".join(self._pending)
+            n = len(self._pending)
+            self._pending.clear()
+            _write_all(self._fd, data, self.path)
+            self.rows_written += n
+        if self._fd is not None and (sync or time.monotonic() - self._last_fsync >= _FSYNC_EVERY_S):
+            os.fsync(self._fd)
+            self._last_fsync = time.monotonic()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                self.flush(sync=True)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def _repair_tail(self) -> int:
+        """Make the file end on a row boundary; keep a complete row that only lacks its newline."""
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # Walk back to the last newline (rows are small; read a bounded window at a time).
+            pos = size
+            window = 1 << 16
+            start = 0
+            while pos > 0:
+                lo = max(0, pos - window)
+                f.seek(lo)
+                chunk = f.read(pos - lo)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    start = lo + nl + 1
+                    break
+                pos = lo
+            f.seek(start)
+            tail = f.read()
+            try:
+                row = orjson.loads(tail)
+            except orjson.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "id" in row and "status" in row:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                return 0
+            with open(self.out_dir / TORN_NAME, "ab") as torn:
+                torn.write(tail + b"\n")
+            f.truncate(start)
+            return len(tail)
+
+
+def _index_rows(path: Path, index: ResumeIndex) -> None:
+    loads = orjson.loads
+    ok_ids = index.ok_ids
+    failed_ids = index.failed_ids
+    with open(path, "rb") as f:
+        for line in f:
+            if len(line) <= 1:
+                continue
+            try:
+                row = loads(line)
+                rid = row["id"]
+                status = row["status"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                index.unreadable_lines += 1
+                continue
+            index.rows += 1
+            if status == "ok":
+                ok_ids.add(rid)
+                failed_ids.discard(rid)
+            elif rid not in ok_ids:
+                failed_ids.add(rid)
+
+
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            raise LedgerError(f"{path}: cannot append ({exc.strerror})") from None
+        view = view[n:]
+
+
+def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write then rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                for part in data:
+                    f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _DirLock:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def lock_output_dir(out_dir: Path) -> _DirLock:
+    """Take the directory's lock or raise OutputLocked naming the holder's pid.
+
+    ``flock`` is released by the kernel when its holder dies, so a ``kill -9`` never leaves a
+    lock that blocks the next run.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+        except (OSError, ValueError):
+            pid = None
+        os.close(fd)
+        raise OutputLocked(str(out_dir), pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return _DirLock(fd)

@@ -1,0 +1,103 @@
+"""Cost maths: prices learnt from confirmed requests, estimates for cut streams, worst cases.
+
+GonkaGate sends the exact cost of a request in its final chunk; a stream cut before that chunk
+may still have been billed.  We price such attempts from what this run has already seen for the
+same model: the server bills ``cost = a * prompt_tokens + b * completion_tokens`` (plus a fee
+proportional to it), so a least-squares fit over confirmed requests recovers ``a`` and ``b``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["ModelPrice", "PriceBook", "exact_sum"]
+
+
+def exact_sum(values: list[float]) -> float:
+    """Sum money without float drift (a million rows must add up to 1e-9)."""
+    return math.fsum(values)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per prompt token, per completion token, and prompt tokens per prompt character."""
+
+    per_prompt_token: float
+    per_completion_token: float
+    tokens_per_char: float
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return prompt_tokens * self.per_prompt_token + completion_tokens * self.per_completion_token
+
+
+class _Fit:
+    __slots__ = ("cc", "chars", "cost", "ctok", "cy", "n", "pc", "pp", "ptok", "py")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.pp = self.pc = self.cc = self.py = self.cy = 0.0
+        self.cost = 0.0
+        self.ptok = self.ctok = 0
+        self.chars = 0
+
+
+class PriceBook:
+    """Per-model prices learnt from confirmed usage chunks during a run."""
+
+    def __init__(self) -> None:
+        self._fits: dict[str, _Fit] = {}
+        self._prices: dict[str, ModelPrice | None] = {}
+
+    def learn(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cost: float, prompt_chars: int
+    ) -> None:
+        """Record one confirmed request."""
+        fit = self._fits.get(model)
+        if fit is None:
+            fit = self._fits[model] = _Fit()
+        p, c = float(prompt_tokens), float(completion_tokens)
+        fit.n += 1
+        fit.pp += p * p
+        fit.pc += p * c
+        fit.cc += c * c
+        fit.py += p * cost
+        fit.cy += c * cost
+        fit.cost += cost
+        fit.ptok += prompt_tokens
+        fit.ctok += completion_tokens
+        fit.chars += prompt_chars
+        self._prices.pop(model, None)
+
+    def price(self, model: str) -> ModelPrice | None:
+        """The learnt price of ``model``, or None before any confirmed request of it."""
+        if model in self._prices:
+            return self._prices[model]
+        fit = self._fits.get(model)
+        price = None if fit is None else _solve(fit)
+        self._prices[model] = price
+        return price
+
+    def estimate(self, model: str, prompt_chars: int, completion_tokens: int) -> float | None:
+        """Estimated cost of an attempt that received ``completion_tokens`` but no usage chunk."""
+        price = self.price(model)
+        if price is None:
+            return None
+        return price.cost(prompt_chars * price.tokens_per_char, completion_tokens)
+
+
+def _solve(fit: _Fit) -> ModelPrice | None:
+    if fit.n == 0:
+        return None
+    tokens_per_char = fit.ptok / fit.chars if fit.chars else 0.25
+    det = fit.pp * fit.cc - fit.pc * fit.pc
+    # Normal equations of cost ~ a*p + b*c; fall back to one price per token when the requests
+    # seen so far cannot tell prompt from completion prices apart.
+    if det > 1e-9 * max(fit.pp * fit.cc, 1.0):
+        a = (fit.py * fit.cc - fit.cy * fit.pc) / det
+        b = (fit.cy * fit.pp - fit.py * fit.pc) / det
+        if a >= 0 and b >= 0:
+            return ModelPrice(a, b, tokens_per_char)
+    tokens = fit.ptok + fit.ctok
+    per_token = fit.cost / tokens if tokens else 0.0
+    return ModelPrice(per_token, per_token, tokens_per_char)
