@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,9 +142,7 @@ def main() -> None:
     help="With --simulate: inject each fault type at this rate.",
 )
 @click.option("--sim-seed", type=int, default=0, help="With --simulate: the simulator's seed.")
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print a machine-readable summary as the last line of stdout."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary as the last line of stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Print errors only (and --json).")
 @click.option("--no-report", is_flag=True, help="Do not write reports at the end of the run.")
 @_guard
@@ -241,9 +239,7 @@ def _signals(runner: Runner) -> Iterator[None]:
         if runner.stopping:
             runner.cancel_in_flight()
             return
-        runner.request_stop(
-            names[sig], "stopped by a signal; rerun the same command to resume where this run stopped."
-        )
+        runner.request_stop(names[sig], "stopped by a signal; rerun the same command to resume where this run stopped.")
         loop.call_later(runner.config.grace_s, runner.cancel_in_flight)
 
     for sig in names:
@@ -364,13 +360,11 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
 @click.option("--server-error-rate", type=float, default=0.0, help="Share of requests answered 500.")
 @click.option("--midstream-error-rate", type=float, default=0.0, help="Share of streams with an error chunk.")
 @click.option("--balance", type=float, default=None, help="USD to bill before answering 402.")
-@click.option(
-    "--billing-log", type=click.Path(dir_okay=False), default=None, help="Append what was billed as JSONL."
-)
+@click.option("--billing-log", type=click.Path(dir_okay=False), default=None, help="Append what was billed as JSONL.")
 @_guard
 def simulate(**opts: Any) -> None:
     """Serve a GonkaGate-compatible API with fault injection on loopback (for tests and demos)."""
-    from .simulator import SimulatorConfig, serve_forever
+    from .simulator import SimulatorConfig, serve
 
     host, port = opts.pop("host"), opts.pop("port")
     cfg = SimulatorConfig(
@@ -391,14 +385,4 @@ def simulate(**opts: Any) -> None:
         click.echo(f"listening on {url}")
         sys.stdout.flush()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_until_signal(serve_forever(cfg, host, port, ready)))
-
-
-async def _until_signal(coro: Awaitable[None]) -> None:
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    serve(cfg, host, port, ready)

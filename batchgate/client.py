@@ -67,9 +67,7 @@ def make_session(
 ) -> aiohttp.ClientSession:
     """One session for the whole run: pool sized to the concurrency, key in default headers."""
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
-    )
+    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
     headers = {
         "Authorization": f"Bearer {api_key}",
         "Content-Type": "application/json",
@@ -177,9 +175,7 @@ async def _http_error(resp: aiohttp.ClientResponse) -> ApiError:
         raw = b""
     message = _error_message(raw) or resp.reason or "no message"
     if status == 429:
-        return RateLimited(
-            message, status=status, retry_after=parse_retry_after(resp.headers.get("Retry-After"))
-        )
+        return RateLimited(message, status=status, retry_after=parse_retry_after(resp.headers.get("Retry-After")))
     if status >= 500:
         return ServerError(message, status=status)
     if status in (408, 409, 425):

@@ -49,9 +49,7 @@ class PriceBook:
         self._fits: dict[str, _Fit] = {}
         self._prices: dict[str, ModelPrice | None] = {}
 
-    def learn(
-        self, model: str, prompt_tokens: int, completion_tokens: int, cost: float, prompt_chars: int
-    ) -> None:
+    def learn(self, model: str, prompt_tokens: int, completion_tokens: int, cost: float, prompt_chars: int) -> None:
         """Record one confirmed request."""
         fit = self._fits.get(model)
         if fit is None:

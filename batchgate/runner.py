@@ -114,9 +114,7 @@ class Runner:
                 connect_timeout_s=cfg.connect_timeout_s,
                 idle_timeout_s=cfg.idle_timeout_s,
             )
-            policy = RetryPolicy(
-                cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, self._on_failed_attempt
-            )
+            policy = RetryPolicy(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, self._on_failed_attempt)
             url = cfg.base_url.rstrip("/") + "/chat/completions"
             try:
                 async with session:
@@ -128,9 +126,7 @@ class Runner:
             finally:
                 self._ledger.close()
                 self._finish()
-                write_atomic(
-                    cfg.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
-                )
+                write_atomic(cfg.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2))
         finally:
             lock.release()
         for res in results:
@@ -140,23 +136,17 @@ class Runner:
 
     def _pending_records(self) -> Iterator[PromptRecord]:
         done = self._done_ids
-        for rec in jobs.iter_records(
-            self.inputs, default_model=self.config.default_model, jobs=self.config.jobs
-        ):
+        for rec in jobs.iter_records(self.inputs, default_model=self.config.default_model, jobs=self.config.jobs):
             if rec.id in done:
                 self.summary.skipped += 1
                 continue
             yield rec
 
-    async def _worker(
-        self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str
-    ) -> None:
+    async def _worker(self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str) -> None:
         for rec in records:
             if self._stop_reason is not None:
                 return
-            body = orjson.dumps(
-                {**rec.body, "model": rec.model, "stream": True, "stream_options": _STREAM_OPTIONS}
-            )
+            body = orjson.dumps({**rec.body, "model": rec.model, "stream": True, "stream_options": _STREAM_OPTIONS})
             headers = request_headers(rec.id)
             started_at = _utc_now()
             t0 = time.monotonic()

@@ -1,0 +1,176 @@
+"""The run engine against the simulator over loopback: answers, costs, faults, stops, resume."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchgate.config import RunConfig
+from batchgate.ledger import LEDGER_NAME
+from batchgate.models import LEDGER_FIELDS
+from batchgate.runner import Runner
+from batchgate.simulator import SimulatorConfig, running_simulator
+
+
+def write_prompts(path: Path, n: int, *, start: int = 0, max_tokens: int = 24) -> Path:
+    with path.open("w") as f:
+        for i in range(start, start + n):
+            f.write(orjson.dumps({"id": f"q{i}", "prompt": f"question {i} " + "word " * (i % 17)}).decode())
+            f.write("\n")
+    return path
+
+
+def config(out: Path, url: str, **kw: Any) -> RunConfig:
+    base: dict[str, Any] = dict(
+        out_dir=out,
+        api_key="gp-test",
+        base_url=url,
+        default_model="sim-model",
+        concurrency=32,
+        max_attempts=8,
+        backoff_base_s=0.001,
+        backoff_max_s=0.01,
+        idle_timeout_s=1.0,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def ledger_rows(out: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in (out / LEDGER_NAME).read_bytes().splitlines()]
+
+
+async def test_happy_path_answers_and_costs_match_billing(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 120)
+    async with running_simulator(SimulatorConfig(seed=3)) as sim:
+        summary = await Runner([prompts], config(tmp_path / "out", sim.base_url)).run()
+        billing = sim.billing
+    rows = ledger_rows(tmp_path / "out")
+    assert summary.exit_code == 0
+    assert (summary.ok, summary.failed, summary.requests) == (120, 0, 120)
+    assert [list(r) for r in rows[:1]] == [list(LEDGER_FIELDS)]
+    assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(120))
+    by_client = {r["client_request_id"]: r for r in billing.completed()}
+    for r in rows:
+        billed = by_client[r["id"]]
+        assert r["content"] == billed["content"]
+        assert r["total_cost_usd"] == billed["total_cost_usd"]  # unchanged, not recomputed
+        assert r["prompt_tokens"] == billed["prompt_tokens"]
+        assert r["job"] == "p" and r["model"] == "sim-model" and r["attempts"] == 1
+        assert r["ttft_s"] is not None and r["latency_s"] >= r["ttft_s"]
+    assert math.isclose(summary.total_cost_usd, billing.completed_total_usd(), abs_tol=1e-12)
+    assert summary.unconfirmed_cost_usd == 0.0
+
+
+async def test_every_fault_type_still_gives_one_ok_row_per_id(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 400)
+    sim_cfg = SimulatorConfig(
+        seed=11,
+        reset_rate=0.05,
+        stall_rate=0.03,
+        stall_s=3.0,
+        rate_limit_rate=0.05,
+        retry_after_s=0.01,
+        server_error_rate=0.05,
+        midstream_error_rate=0.05,
+        keepalive_rate=0.05,
+    )
+    async with running_simulator(sim_cfg) as sim:
+        summary = await Runner([prompts], config(tmp_path / "out", sim.base_url, idle_timeout_s=0.3)).run()
+        billing = sim.billing
+    rows = ledger_rows(tmp_path / "out")
+    assert summary.exit_code == 0, summary
+    assert Counter(r["id"] for r in rows if r["status"] == "ok") == Counter(f"q{i}" for i in range(400))
+    confirmed = math.fsum(r["total_cost_usd"] for r in rows)
+    assert abs(confirmed - billing.completed_total_usd()) < 1e-9
+    causes = Counter(c for r in rows for c in r["retry_causes"])
+    assert {"rate_limited", "server_error", "stream_interrupted", "timeout"} <= set(causes)
+    assert summary.rate_limited == causes["rate_limited"]
+    # Streams cut after tokens arrived show up as unconfirmed spend, in the same ballpark as billed.
+    assert billing.cut(), "the simulator cut no stream"
+    unconfirmed = math.fsum(r["unconfirmed_cost_usd"] or 0.0 for r in rows)
+    assert unconfirmed > 0
+    assert 0.3 < unconfirmed / billing.cut_total_usd() < 3.0
+    assert sum(r["unconfirmed_completion_tokens"] for r in rows) > 0
+
+
+async def test_insufficient_balance_stops_and_resume_finishes_without_rebuying(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 200)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=5, balance_usd=0.002)) as sim:
+        first = await Runner([prompts], config(out, sim.base_url, concurrency=4)).run()
+        billed_first = sim.billing.completed_count_by_client_id()
+    assert first.exit_code == 3 and first.stop_reason == "balance"
+    assert 0 < first.ok < 200
+    assert first.requests < 200  # it stopped starting new prompts
+    async with running_simulator(SimulatorConfig(seed=5)) as sim:
+        second = await Runner([prompts], config(out, sim.base_url, concurrency=4)).run()
+        billed_second = sim.billing.completed_count_by_client_id()
+    assert second.exit_code == 0
+    assert second.skipped == first.ok
+    assert not set(billed_first) & set(billed_second), "an answer was bought twice"
+    rows = ledger_rows(out)
+    assert Counter(r["id"] for r in rows if r["status"] == "ok") == Counter(f"q{i}" for i in range(200))
+
+
+async def test_rerun_of_finished_job_sends_nothing(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 30)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig()) as sim:
+        await Runner([prompts], config(out, sim.base_url)).run()
+        again = await Runner([prompts], config(out, sim.base_url)).run()
+        assert len(sim.billing.records) == 30
+    assert (again.requests, again.skipped, again.exit_code) == (0, 30, 0)
+    assert len(ledger_rows(out)) == 30
+
+
+async def test_wrong_key_stops_the_run_with_exit_2(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 100)
+    async with running_simulator(SimulatorConfig()) as sim:
+        summary = await Runner(
+            [prompts], config(tmp_path / "out", sim.base_url, api_key="sk-wrong", concurrency=2)
+        ).run()
+        assert sim.billing.records == []
+    assert summary.exit_code == 2 and summary.stop_reason == "auth"
+    assert summary.requests <= 2
+    rows = ledger_rows(tmp_path / "out")
+    assert all(r["error"]["type"] == "auth" and r["error"]["status"] == 401 for r in rows)
+    assert "sk-wrong" not in (tmp_path / "out" / LEDGER_NAME).read_text()
+
+
+async def test_unreachable_base_url_stops_with_exit_2(tmp_path: Path, unused_tcp_port: int) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 50)
+    summary = await Runner(
+        [prompts],
+        config(tmp_path / "out", f"http://127.0.0.1:{unused_tcp_port}/v1", concurrency=2, max_attempts=2),
+    ).run()
+    assert summary.exit_code == 2 and summary.stop_reason == "unreachable"
+    assert summary.requests <= 2
+
+
+async def test_failed_prompts_are_retried_on_resume(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 60)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=2, server_error_rate=0.5)) as sim:
+        first = await Runner([prompts], config(out, sim.base_url, max_attempts=1)).run()
+    assert first.exit_code == 1 and first.failed > 0
+    assert first.failures_by_cause == {"server_error": first.failed}
+    async with running_simulator(SimulatorConfig(seed=2)) as sim:
+        second = await Runner([prompts], config(out, sim.base_url)).run()
+    assert second.exit_code == 0
+    assert second.requests == first.failed
+    assert second.skipped == first.ok
+
+
+@pytest.fixture
+def unused_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
