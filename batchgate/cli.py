@@ -324,7 +324,9 @@ def _print_summary(s: RunSummary, runner: Runner) -> None:
         causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
         lines.append(f"  failures  {causes}")
     if s.rate_limited:
-        lines.append(f"  429s      {s.rate_limited}")
+        lines.append(
+            f"  429s      {s.rate_limited}, slowed down {s.slowdowns}x (concurrency went down to {s.min_concurrency})"
+        )
     lines.append(f"  time      {s.wall_s:.1f}s, {rate:.1f} requests/s")
     click.echo("\n".join(lines))
 

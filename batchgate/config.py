@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import InputError
 
@@ -33,6 +34,8 @@ class RunConfig:
     rpm: float | None = None
     grace_s: float = 30.0
     jobs: list[str] | None = None  # job name per input (default: each file's stem)
+    chat_defaults: dict[str, Any] = field(default_factory=dict)  # merged under every line's own parameters
+    system_prompt: str | None = None  # prepended to messages that have no system message
 
 
 def load_api_key(key_file: str | Path | None = None) -> str:

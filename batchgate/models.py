@@ -78,7 +78,9 @@ class RunSummary:
     unconfirmed_cost_usd: float = 0.0
     unconfirmed_unpriced_tokens: int = 0
     retries: int = 0
-    rate_limited: int = 0
+    rate_limited: int = 0  # 429 answers
+    slowdowns: int = 0  # times the run halved its concurrency after a 429
+    min_concurrency: int = 0  # the lowest concurrency limit it went down to
     wall_s: float = 0.0
     exit_code: int = 0
     stop_reason: str | None = None
@@ -99,6 +101,8 @@ class RunSummary:
             "unconfirmed_unpriced_tokens": self.unconfirmed_unpriced_tokens,
             "retries": self.retries,
             "rate_limited": self.rate_limited,
+            "slowdowns": self.slowdowns,
+            "min_concurrency": self.min_concurrency,
             "wall_s": round(self.wall_s, 3),
             "requests_per_s": round(self.requests / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "exit_code": self.exit_code,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["ModelPrice", "PriceBook", "exact_sum"]
+__all__ = ["Budget", "ModelPrice", "PriceBook", "exact_sum"]
 
 
 def exact_sum(values: list[float]) -> float:
@@ -99,3 +99,41 @@ def _solve(fit: _Fit) -> ModelPrice | None:
     tokens = fit.ptok + fit.ctok
     per_token = fit.cost / tokens if tokens else 0.0
     return ModelPrice(per_token, per_token, tokens_per_char)
+
+
+class Budget:
+    """A spending cap: a request may start only if its worst case still fits.
+
+    ``spent`` is confirmed plus estimated unconfirmed spend; ``reserved`` the worst cases of the
+    requests in flight.  Worst case = estimated prompt tokens (with a margin) plus ``max_tokens``
+    at the prices learnt so far.
+    """
+
+    PROMPT_MARGIN = 1.2
+
+    def __init__(self, cap_usd: float, book: PriceBook) -> None:
+        self.cap_usd = cap_usd
+        self.book = book
+        self.spent = 0.0
+        self.reserved = 0.0
+
+    def worst_case(self, model: str, prompt_chars: int, max_tokens: int) -> float | None:
+        """None while no price is known for ``model``."""
+        price = self.book.price(model)
+        if price is None:
+            return None
+        return price.cost(prompt_chars * price.tokens_per_char * self.PROMPT_MARGIN + 8, max_tokens)
+
+    def try_reserve(self, amount: float) -> bool:
+        if self.spent + self.reserved + amount > self.cap_usd:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += actual
+
+    @property
+    def left_usd(self) -> float:
+        return max(0.0, self.cap_usd - self.spent)

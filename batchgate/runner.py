@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,9 @@ from .config import RunConfig
 from .errors import ApiError, AuthError, InputError, InsufficientBalance, RateLimited
 from .ledger import Ledger, lock_output_dir, write_atomic
 from .models import LEDGER_VERSION, PromptRecord, RunSummary
-from .pricing import PriceBook, exact_sum
+from .pricing import Budget, PriceBook, exact_sum
 from .retry import Outcome, RetryPolicy
+from .throttle import Throttle
 
 __all__ = ["EXIT_CODES", "Runner", "run"]
 
@@ -53,9 +54,13 @@ def _utc_now() -> str:
 class Runner:
     """One run over some prompt files into one output directory."""
 
-    def __init__(self, inputs: Sequence[str | Path], config: RunConfig) -> None:
+    def __init__(
+        self, inputs: Sequence[str | Path], config: RunConfig, *, only_ids: Collection[str] | None = None
+    ) -> None:
+        """``only_ids`` restricts the run to those prompt ids (``batchgate estimate`` runs a sample)."""
         self.inputs = [Path(p) for p in inputs]
         self.config = config
+        self.only_ids = only_ids
         self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         self.summary = RunSummary(run_id=self.run_id, out=str(config.out_dir))
         self.total = 0  # prompts in the inputs
@@ -69,6 +74,10 @@ class Runner:
         self._unconfirmed: list[float] = []
         self._confirmed: list[float] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.throttle = Throttle(config.concurrency, config.rpm)
+        self.budget = Budget(config.max_cost_usd, self.prices) if config.max_cost_usd is not None else None
+        self._probes: dict[str, asyncio.Event] = {}
+        self._longest_completion: dict[str, int] = {}
         self._started = time.monotonic()
         self._any_response = False
 
@@ -101,7 +110,7 @@ class Runner:
         report = jobs.validate(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
         if not report.ok():
             raise InputError(report.format())
-        self.total = report.records
+        self.total = report.records if self.only_ids is None else len(self.only_ids)
         lock = lock_output_dir(cfg.out_dir)
         results: list[Any] = []
         try:
@@ -136,38 +145,116 @@ class Runner:
 
     def _pending_records(self) -> Iterator[PromptRecord]:
         done = self._done_ids
+        only = self.only_ids
         for rec in jobs.iter_records(self.inputs, default_model=self.config.default_model, jobs=self.config.jobs):
+            if only is not None and rec.id not in only:
+                continue
             if rec.id in done:
                 self.summary.skipped += 1
                 continue
             yield rec
 
     async def _worker(self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str) -> None:
+        throttle = self.throttle
         for rec in records:
             if self._stop_reason is not None:
                 return
-            body = orjson.dumps({**rec.body, "model": rec.model, "stream": True, "stream_options": _STREAM_OPTIONS})
+            reserved = await self._admit(rec) if self.budget is not None else 0.0
+            if reserved is None:
+                return
+            body = orjson.dumps(self._request_body(rec))
             headers = request_headers(rec.id)
+
+            async def attempt(body: bytes = body, headers: dict[str, str] = headers) -> Completion:
+                await throttle.acquire()
+                try:
+                    return await stream_completion(session, url, body, headers)
+                finally:
+                    throttle.release()
+
             started_at = _utc_now()
             t0 = time.monotonic()
             self.in_flight += 1
             try:
-                outcome = await policy.run(lambda b=body, h=headers: stream_completion(session, url, b, h))
+                outcome = await policy.run(attempt)
             finally:
                 self.in_flight -= 1
-            self._record(rec, outcome, started_at, time.monotonic() - t0)
+                if self.budget is not None:
+                    self._release_probe(rec.model)
+            if outcome.completion is not None:
+                throttle.on_success()
+            spent = self._record(rec, outcome, started_at, time.monotonic() - t0)
+            if self.budget is not None:
+                self.budget.settle(reserved, spent)
             if self._stop_reason is not None:
                 return
+
+    def _request_body(self, rec: PromptRecord) -> dict[str, Any]:
+        body = {**self.config.chat_defaults, **rec.body} if self.config.chat_defaults else dict(rec.body)
+        system = self.config.system_prompt
+        if system:
+            messages = body.get("messages") or []
+            if not messages or messages[0].get("role") != "system":
+                body["messages"] = [{"role": "system", "content": system}, *messages]
+        body["model"] = rec.model
+        body["stream"] = True
+        body["stream_options"] = _STREAM_OPTIONS
+        return body
+
+    async def _admit(self, rec: PromptRecord) -> float | None:
+        """Reserve the prompt's worst case under --max-cost; None when the budget stops the run.
+
+        Before a model's price is known nothing bounds a request, so one probe per model runs
+        at a time and the others wait for the price it teaches.
+        """
+        budget = self.budget
+        assert budget is not None
+        while True:
+            if self._stop_reason is not None:
+                return None
+            max_tokens = rec.body.get("max_tokens") or rec.body.get("max_completion_tokens")
+            if not isinstance(max_tokens, int):
+                max_tokens = max(256, 2 * self._longest_completion.get(rec.model, 0))
+            worst = budget.worst_case(rec.model, rec.prompt_chars, max_tokens)
+            if worst is None:
+                probe = self._probes.get(rec.model)
+                if probe is not None:
+                    await probe.wait()
+                    continue
+                if budget.spent >= budget.cap_usd:
+                    worst = float("inf")  # fall through to the stop below
+                else:
+                    self._probes[rec.model] = asyncio.Event()
+                    return 0.0
+            if budget.try_reserve(worst):
+                return worst
+            s = self.summary
+            self.request_stop(
+                "budget",
+                f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent:.6f} spent "
+                f"(${s.total_cost_usd:.6f} confirmed, ~${s.unconfirmed_cost_usd:.6f} unconfirmed), "
+                f"${budget.left_usd:.6f} left, not enough for the next prompt's worst case "
+                f"(${worst:.6f}). Rerun with a higher --max-cost to resume.",
+            )
+            return None
+
+    def _release_probe(self, model: str) -> None:
+        # While a model's probe runs no other request of that model does, so it is the probe.
+        probe = self._probes.pop(model, None)
+        if probe is not None:
+            probe.set()
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
     def _on_failed_attempt(self, exc: ApiError) -> None:
         if isinstance(exc, RateLimited):
             self.summary.rate_limited += 1
+            self.throttle.on_rate_limited(exc.retry_after)
         if not isinstance(exc, ConnectFailed):
             self._any_response = True
 
-    def _record(self, rec: PromptRecord, outcome: Outcome, started_at: str, latency: float) -> None:
+    def _record(self, rec: PromptRecord, outcome: Outcome, started_at: str, latency: float) -> float:
+        """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed)."""
         s = self.summary
         comp: Completion | None = outcome.completion
         usage = (comp.usage if comp else None) or {}
@@ -179,6 +266,8 @@ class Runner:
         completion_tokens = usage.get("completion_tokens")
         if usage and prompt_tokens is not None and completion_tokens is not None:
             self.prices.learn(rec.model, prompt_tokens, completion_tokens, total_cost, rec.prompt_chars)
+            if completion_tokens > self._longest_completion.get(rec.model, 0):
+                self._longest_completion[rec.model] = completion_tokens
         unconfirmed: float | None = 0.0
         if cut_tokens:
             unconfirmed = self.prices.estimate(rec.model, rec.prompt_chars, cut_tokens)
@@ -234,6 +323,7 @@ class Runner:
             self._on_final_error(err)
         if unconfirmed:
             s.unconfirmed_cost_usd += unconfirmed
+        return total_cost + (unconfirmed or 0.0)
 
     def _on_final_error(self, err: ApiError | None) -> None:
         if isinstance(err, InsufficientBalance):
@@ -254,6 +344,8 @@ class Runner:
     def _finish(self) -> None:
         s = self.summary
         s.wall_s = time.monotonic() - self._started
+        s.slowdowns = self.throttle.slowdowns
+        s.min_concurrency = int(self.throttle.min_limit_seen)
         s.total_cost_usd = exact_sum(self._confirmed)
         # Cut attempts seen before any price was known get priced with what the run learnt since.
         still_unpriced = 0

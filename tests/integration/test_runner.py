@@ -174,3 +174,55 @@ def unused_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_budget_stops_before_the_cap_and_resume_continues(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 300)
+    out = tmp_path / "out"
+    cap = 0.004
+    async with running_simulator(SimulatorConfig(seed=4)) as sim:
+        first = await Runner([prompts], config(out, sim.base_url, concurrency=8, max_cost_usd=cap)).run()
+        billing = sim.billing
+        costliest = max(r["total_cost_usd"] for r in billing.records)
+        assert billing.spent_usd <= cap + costliest  # only the first probe of a model is unbounded
+    assert first.exit_code == 3 and first.stop_reason == "budget"
+    assert 0 < first.ok < 300
+    assert first.total_cost_usd <= cap
+    async with running_simulator(SimulatorConfig(seed=4)) as sim:
+        second = await Runner([prompts], config(out, sim.base_url, concurrency=8)).run()
+    assert second.exit_code == 0 and second.skipped == first.ok
+
+
+async def test_429s_slow_the_whole_run_down_then_it_finishes(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 200)
+    sim_cfg = SimulatorConfig(seed=9, rate_limit_rate=0.3, retry_after_s=0.02)
+    async with running_simulator(sim_cfg) as sim:
+        runner = Runner([prompts], config(tmp_path / "out", sim.base_url, concurrency=32, max_attempts=20))
+        summary = await runner.run()
+    assert summary.exit_code == 0 and summary.ok == 200
+    assert summary.rate_limited > 0
+    assert summary.slowdowns >= 1
+    assert summary.min_concurrency < 32
+
+
+async def test_rpm_caps_the_request_rate(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 21)
+    async with running_simulator(SimulatorConfig()) as sim:
+        summary = await Runner([prompts], config(tmp_path / "out", sim.base_url, rpm=1200)).run()
+    assert summary.ok == 21
+    assert summary.wall_s >= 20 * 60 / 1200 * 0.95  # 21 starts are 20 intervals of 50 ms
+
+
+async def test_job_defaults_and_system_prompt_reach_the_request(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    cfg = config(tmp_path / "out", "", chat_defaults={"max_tokens": 9}, system_prompt="Be brief.")
+    async with running_simulator(SimulatorConfig(min_completion_tokens=20, max_completion_tokens=40)) as sim:
+        cfg.base_url = sim.base_url
+        await Runner([prompts], cfg).run()
+    rows = ledger_rows(tmp_path / "out")
+    assert all(r["completion_tokens"] == 9 and r["finish_reason"] == "length" for r in rows)
+    # the system message counts toward the prompt: more prompt tokens than the bare question
+    async with running_simulator(SimulatorConfig()) as sim:
+        await Runner([prompts], config(tmp_path / "bare", sim.base_url)).run()
+    bare = {r["id"]: r["prompt_tokens"] for r in ledger_rows(tmp_path / "bare")}
+    assert all(r["prompt_tokens"] > bare[r["id"]] for r in rows)
