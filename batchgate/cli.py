@@ -14,15 +14,18 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import orjson
+from click.core import ParameterSource
 
-from .config import BASE_URL_ENV, DEFAULT_BASE_URL, RunConfig, load_api_key
+from .config import BASE_URL_ENV, DEFAULT_BASE_URL, KEY_ENV, RunConfig, load_api_key
 from .errors import BatchgateError, InputError, OutputLocked
+from .jobfile import load_job
+from .ledger import LEDGER_NAME
 from .models import RunSummary
 from .runner import Runner
 
@@ -76,132 +79,160 @@ def main() -> None:
 # -- run --------------------------------------------------------------------------------------------
 
 
-@main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory [default: reports/<first input's stem>].",
-)
-@click.option("--model", "default_model", help="Model for lines that name none.")
-@click.option(
-    "--base-url",
-    envvar=BASE_URL_ENV,
-    default=DEFAULT_BASE_URL,
-    show_default=True,
-    help=f"API base URL (env {BASE_URL_ENV}).",
-)
-@click.option(
-    "--api-key-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Read the API key from this file instead of $GONKAGATE_API_KEY.",
-)
-@click.option(
-    "--concurrency",
-    "-c",
-    type=click.IntRange(1, 10000),
-    default=16,
-    show_default=True,
-    help="Requests in flight at once.",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(1, 100),
-    default=5,
-    show_default=True,
-    help="Attempts per prompt, first included.",
-)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds to open a connection.",
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(0.1),
-    default=60.0,
-    show_default=True,
-    help="Seconds of silence between two chunks before a stream counts as stalled.",
-)
-@click.option(
-    "--backoff",
-    "backoff_base",
-    type=click.FloatRange(0.0),
-    default=0.5,
-    show_default=True,
-    help="Base of the exponential backoff between attempts, seconds.",
-)
-@click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no key, no network).")
-@click.option(
-    "--sim-fault-rate",
-    type=click.FloatRange(0.0, 0.5),
-    default=0.0,
-    help="With --simulate: inject each fault type at this rate.",
-)
-@click.option("--sim-seed", type=int, default=0, help="With --simulate: the simulator's seed.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary as the last line of stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="Print errors only (and --json).")
-@click.option("--no-report", is_flag=True, help="Do not write reports at the end of the run.")
-@_guard
-def run(
-    inputs: tuple[Path, ...],
-    out_dir: Path | None,
-    default_model: str | None,
-    base_url: str,
-    api_key_file: Path | None,
-    concurrency: int,
-    max_attempts: int,
-    connect_timeout: float,
-    idle_timeout: float,
-    backoff_base: float,
-    simulate: bool,
-    sim_fault_rate: float,
-    sim_seed: int,
-    as_json: bool,
-    quiet: bool,
-    no_report: bool,
-) -> None:
-    """Stream every prompt in INPUTS (JSONL files) and record each answer and its cost."""
-    api_key = SIMULATOR_KEY if simulate else load_api_key(api_key_file)
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `estimate` share (sqlite-utils style option bundle)."""
+    options = [
+        click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)),
+        click.option(
+            "--out",
+            "out_dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Output directory [default: reports/<job or first input's stem>].",
+        ),
+        click.option("--model", "default_model", help="Model for lines that name none."),
+        click.option(
+            "--base-url",
+            envvar=BASE_URL_ENV,
+            default=DEFAULT_BASE_URL,
+            show_default=True,
+            help=f"API base URL (env {BASE_URL_ENV}).",
+        ),
+        click.option(
+            "--api-key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help=f"Read the API key from this file instead of ${KEY_ENV}.",
+        ),
+        click.option("--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True),
+        click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True),
+        click.option("--max-cost", type=click.FloatRange(0, min_open=True), help="Stop before spending more USD."),
+        click.option("--rpm", type=click.FloatRange(0, min_open=True), help="Cap on requests started per minute."),
+        click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True),
+        click.option(
+            "--idle-timeout",
+            type=click.FloatRange(0.1),
+            default=60.0,
+            show_default=True,
+            help="Seconds of silence between two chunks before a stream counts as stalled.",
+        ),
+        click.option(
+            "--backoff", type=click.FloatRange(0.0), default=0.5, show_default=True, help="Backoff base, seconds."
+        ),
+        click.option(
+            "--grace",
+            type=click.FloatRange(0.0),
+            default=30.0,
+            show_default=True,
+            help="After SIGINT/SIGTERM, seconds in-flight requests get to finish.",
+        ),
+        click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no key, no network)."),
+        click.option(
+            "--sim-fault-rate",
+            type=click.FloatRange(0.0, 0.2),
+            default=0.0,
+            help="With --simulate: inject each fault type at this rate.",
+        ),
+        click.option("--sim-seed", type=int, default=0, help="With --simulate: the simulator's seed."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout."),
+        click.option("--quiet", "-q", is_flag=True, help="Errors only (and --json)."),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="Progress lines when stderr is not a terminal.",
+        ),
+        click.option(
+            "--log-every",
+            type=click.FloatRange(0.1),
+            default=10.0,
+            show_default=True,
+            help="Seconds between log lines.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], RunConfig, dict[str, Any]]:
+    """Merge a TOML job file (if INPUTS is one) under the command line; build the RunConfig."""
+    inputs: list[Path] = list(opts["inputs"])
+    job_name: str | None = None
+    chat: dict[str, Any] = {}
+    system: str | None = None
+    if any(p.suffix == ".toml" for p in inputs):
+        if len(inputs) != 1:
+            raise InputError("give either one job file (.toml) or prompt files (.jsonl), not both")
+        spec = load_job(inputs[0])
+        for name, value in spec.settings.items():
+            if name == "system_prompt":
+                system = value
+            elif ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
+                opts[name] = value
+        if opts["out_dir"] is None and spec.out is not None:
+            opts["out_dir"] = spec.out
+        inputs, job_name, chat = spec.inputs, spec.name, spec.chat
+    out_dir: Path = opts["out_dir"] or Path("reports") / (job_name or inputs[0].stem)
+    if opts.get("fresh") and (out_dir / LEDGER_NAME).exists():
+        out_dir = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"])
     config = RunConfig(
-        out_dir=out_dir or Path("reports") / inputs[0].stem,
+        out_dir=out_dir,
         api_key=api_key,
-        base_url=base_url,
-        default_model=default_model,
-        concurrency=concurrency,
-        max_attempts=max_attempts,
-        connect_timeout_s=connect_timeout,
-        idle_timeout_s=idle_timeout,
-        backoff_base_s=backoff_base,
+        base_url=opts["base_url"],
+        default_model=opts["default_model"],
+        concurrency=opts["concurrency"],
+        max_attempts=opts["max_attempts"],
+        connect_timeout_s=opts["connect_timeout"],
+        idle_timeout_s=opts["idle_timeout"],
+        backoff_base_s=opts["backoff"],
+        max_cost_usd=opts["max_cost"],
+        rpm=opts["rpm"],
+        grace_s=opts["grace"],
+        jobs=[job_name] * len(inputs) if job_name else None,
+        chat_defaults=chat,
+        system_prompt=system,
     )
+    return inputs, config, opts
+
+
+@main.command()
+@run_options
+@click.option("--fresh", is_flag=True, help="Start over in a new output directory (the old ledger is kept).")
+@click.option("--no-report", is_flag=True, help="Do not write reports at the end of the run.")
+@click.pass_context
+@_guard
+def run(ctx: click.Context, **opts: Any) -> None:
+    """Stream every prompt in INPUTS and record each answer and its cost.
+
+    INPUTS are JSONL prompt files, or one TOML job file (options given here override it).
+    Rerunning the same command resumes: prompts already answered are skipped, failed ones retried.
+    """
+    inputs, config, opts = _settings(ctx, opts)
     runner = Runner(inputs, config)
-
-    async def go() -> RunSummary:
-        async with _maybe_simulator(simulate, sim_fault_rate, sim_seed) as sim_url:
-            if sim_url:
-                config.base_url = sim_url
-            with _signals(runner):
-                progress = asyncio.create_task(_progress(runner, quiet))
-                try:
-                    return await runner.run()
-                finally:
-                    progress.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await progress
-
-    summary = asyncio.run(go())
-    if not quiet:
-        _print_summary(summary, runner)
-    if runner.stop_message:
-        click.echo(f"batchgate: {runner.stop_message}", err=True)
-    if not no_report:
-        _write_reports(config.out_dir, quiet)
-    if as_json:
+    log = _Log(opts["quiet"], opts["log_format"])
+    summary = asyncio.run(_drive(runner, opts, log, runner.run()))
+    log.summary(summary, runner.stop_message)
+    if not opts["no_report"]:
+        _write_reports(config.out_dir, opts["quiet"])
+    if opts["as_json"]:
         click.echo(orjson.dumps(summary.as_dict()).decode())
     sys.exit(summary.exit_code)
+
+
+async def _drive(runner: Runner, opts: dict[str, Any], log: _Log, work: Awaitable[T]) -> T:
+    """Run ``work`` with the simulator (if asked), signal handling and progress output around it."""
+    async with _maybe_simulator(opts["simulate"], opts["sim_fault_rate"], opts["sim_seed"]) as sim_url:
+        if sim_url:
+            runner.config.base_url = sim_url
+        with _signals(runner):
+            progress = asyncio.create_task(log.progress(runner, opts["log_every"]))
+            try:
+                return await work
+            finally:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await progress
 
 
 @contextlib.asynccontextmanager
@@ -251,84 +282,125 @@ def _signals(runner: Runner) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def _progress(runner: Runner, quiet: bool) -> None:
-    if quiet:
-        return
-    if sys.stderr.isatty():
-        await _progress_bar(runner)
-    else:
-        await _progress_log(runner)
+class _Log:
+    """Progress and the final summary: a live bar on a terminal, plain or JSON lines otherwise."""
 
+    def __init__(self, quiet: bool, fmt: str) -> None:
+        self.quiet = quiet
+        self.json = fmt == "json"
+        self.started = time.monotonic()
 
-async def _progress_log(runner: Runner, every_s: float = 10.0) -> None:
-    started = time.monotonic()
-    while True:
-        await asyncio.sleep(every_s)
-        click.echo(_progress_line(runner, time.monotonic() - started), err=True)
-
-
-def _progress_line(runner: Runner, elapsed: float) -> str:
-    s = runner.summary
-    done = s.ok + s.failed + s.skipped
-    return (
-        f"progress {done}/{runner.total} ok={s.ok} failed={s.failed} skipped={s.skipped} "
-        f"in_flight={runner.in_flight} tokens={s.completion_tokens} "
-        f"usd={s.total_cost_usd:.6f} elapsed={elapsed:.0f}s"
-    )
-
-
-async def _progress_bar(runner: Runner) -> None:
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    started = time.monotonic()
-    with Progress(
-        TextColumn("[bold]batchgate"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[stats]}"),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("run", total=None, stats="")
+    async def progress(self, runner: Runner, every_s: float) -> None:
+        if self.quiet:
+            return
+        if sys.stderr.isatty() and not self.json:
+            await self._bar(runner)
+            return
         while True:
-            s = runner.summary
-            elapsed = max(time.monotonic() - started, 1e-9)
-            bar.update(
-                task,
-                total=runner.total or None,
-                completed=s.ok + s.failed + s.skipped,
-                stats=(
-                    f"ok {s.ok} failed {s.failed} · {s.completion_tokens / elapsed:,.0f} tok/s"
-                    f" · ${s.total_cost_usd:.4f}"
-                ),
+            await asyncio.sleep(every_s)
+            self._line(runner)
+
+    def _fields(self, runner: Runner) -> dict[str, Any]:
+        s = runner.summary
+        elapsed = time.monotonic() - self.started
+        done = s.ok + s.failed + s.skipped
+        rate = (s.ok + s.failed) / elapsed if elapsed > 0 else 0.0
+        left = max(0, runner.total - done)
+        return {
+            "done": done,
+            "total": runner.total,
+            "ok": s.ok,
+            "failed": s.failed,
+            "skipped": s.skipped,
+            "in_flight": runner.in_flight,
+            "completion_tokens": s.completion_tokens,
+            "tokens_per_s": round(s.completion_tokens / elapsed, 1) if elapsed > 0 else 0.0,
+            "total_cost_usd": round(s.total_cost_usd, 6),
+            "unconfirmed_cost_usd": round(s.unconfirmed_cost_usd, 6),
+            "concurrency": int(runner.throttle.limit),
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": round(left / rate, 0) if rate > 0 else None,
+        }
+
+    def _line(self, runner: Runner) -> None:
+        f = self._fields(runner)
+        if self.json:
+            click.echo(orjson.dumps({"ts": _now(), "event": "progress", **f}).decode(), err=True)
+        else:
+            eta = f"{f['eta_s']:.0f}s" if f["eta_s"] is not None else "?"
+            click.echo(
+                f"{_now()} progress {f['done']}/{f['total']} ok={f['ok']} failed={f['failed']} "
+                f"in_flight={f['in_flight']} tok/s={f['tokens_per_s']:.0f} usd={f['total_cost_usd']:.6f} "
+                f"concurrency={f['concurrency']} eta={eta}",
+                err=True,
             )
-            await asyncio.sleep(0.2)
+
+    async def _bar(self, runner: Runner) -> None:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("[bold]batchgate"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("run", total=None, stats="")
+            while True:
+                f = self._fields(runner)
+                bar.update(
+                    task,
+                    total=f["total"] or None,
+                    completed=f["done"],
+                    stats=(
+                        f"ok {f['ok']} failed {f['failed']} · {f['tokens_per_s']:,.0f} tok/s"
+                        f" · ${f['total_cost_usd']:.4f}"
+                    ),
+                )
+                await asyncio.sleep(0.2)
+
+    def summary(self, s: RunSummary, stop_message: str | None) -> None:
+        if stop_message:
+            self.error(stop_message)
+        if self.quiet:
+            return
+        if self.json:
+            click.echo(orjson.dumps({"ts": _now(), "event": "summary", **s.as_dict()}).decode(), err=True)
+        rate = s.requests / s.wall_s if s.wall_s > 0 else 0.0
+        lines = [
+            f"run {s.run_id} → {s.out}",
+            f"  requests  {s.requests} ({s.ok} ok, {s.failed} failed, {s.skipped} already done)"
+            + (f", {s.retries} retries" if s.retries else ""),
+            f"  tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
+            f"  cost      ${s.total_cost_usd:.6f} confirmed",
+        ]
+        if s.unconfirmed_cost_usd or s.unconfirmed_unpriced_tokens:
+            extra = f"  unconfirmed ~${s.unconfirmed_cost_usd:.6f} (streams cut before their usage chunk"
+            if s.unconfirmed_unpriced_tokens:
+                extra += f"; {s.unconfirmed_unpriced_tokens} tokens not priced"
+            lines.append(extra + ")")
+        if s.failures_by_cause:
+            causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
+            lines.append(f"  failures  {causes}")
+        if s.rate_limited:
+            lines.append(
+                f"  429s      {s.rate_limited}, slowed down {s.slowdowns}x"
+                f" (concurrency went down to {s.min_concurrency})"
+            )
+        lines.append(f"  time      {s.wall_s:.1f}s, {rate:.1f} requests/s")
+        click.echo("\n".join(lines))
+
+    def error(self, message: str) -> None:
+        if self.json:
+            click.echo(orjson.dumps({"ts": _now(), "event": "error", "message": message}).decode(), err=True)
+        else:
+            click.echo(f"batchgate: {message}", err=True)
 
 
-def _print_summary(s: RunSummary, runner: Runner) -> None:
-    rate = s.requests / s.wall_s if s.wall_s > 0 else 0.0
-    lines = [
-        f"run {s.run_id} → {s.out}",
-        f"  requests  {s.requests} ({s.ok} ok, {s.failed} failed, {s.skipped} already done)"
-        + (f", {s.retries} retries" if s.retries else ""),
-        f"  tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
-        f"  cost      ${s.total_cost_usd:.6f} confirmed",
-    ]
-    if s.unconfirmed_cost_usd or s.unconfirmed_unpriced_tokens:
-        extra = f"  unconfirmed ~${s.unconfirmed_cost_usd:.6f} (streams cut before their usage chunk"
-        if s.unconfirmed_unpriced_tokens:
-            extra += f"; {s.unconfirmed_unpriced_tokens} tokens not priced"
-        lines.append(extra + ")")
-    if s.failures_by_cause:
-        causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
-        lines.append(f"  failures  {causes}")
-    if s.rate_limited:
-        lines.append(
-            f"  429s      {s.rate_limited}, slowed down {s.slowdowns}x (concurrency went down to {s.min_concurrency})"
-        )
-    lines.append(f"  time      {s.wall_s:.1f}s, {rate:.1f} requests/s")
-    click.echo("\n".join(lines))
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _write_reports(out_dir: Path, quiet: bool) -> None:

@@ -127,8 +127,8 @@ def test_wrong_key_exits_2_and_never_echoes_it(tmp_path: Path, simulator: Sim) -
     res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"), key=secret)
     assert res.returncode == 2
     assert "rejected the API key" in res.stderr
-    everything = res.stdout + res.stderr + "".join(p.read_text() for p in (tmp_path / "o").iterdir() if p.is_file())
-    assert secret not in everything
+    written = b"".join(p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file())
+    assert secret.encode() not in (res.stdout + res.stderr).encode() + written
 
 
 def test_key_file_is_used_and_kept_secret(tmp_path: Path, simulator: Sim) -> None:

@@ -1,0 +1,99 @@
+"""TOML job files: a named, repeatable run (prompt files, model, chat defaults, limits, output).
+
+Prompt paths are relative to the job file, so a job and its prompts move together; ``out`` is
+relative to the directory batchgate runs in, like ``--out``.  Unknown keys are errors: a typo in
+``max_cost_usd`` must not silently run without a budget.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import JobFileError
+
+__all__ = ["JobSpec", "load_job"]
+
+# key -> (accepted types, RunConfig/CLI name)
+_SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "default_model"),
+    "base_url": ((str,), "base_url"),
+    "concurrency": ((int,), "concurrency"),
+    "rpm": ((int, float), "rpm"),
+    "max_attempts": ((int,), "max_attempts"),
+    "max_cost_usd": ((int, float), "max_cost"),
+    "connect_timeout_s": ((int, float), "connect_timeout"),
+    "idle_timeout_s": ((int, float), "idle_timeout"),
+    "grace_s": ((int, float), "grace"),
+    "system": ((str,), "system_prompt"),
+}
+_KNOWN = {"name", "inputs", "out", "chat", *_SCALARS}
+
+
+@dataclass
+class JobSpec:
+    """A parsed job file. ``settings`` maps CLI option names to values the file sets."""
+
+    path: Path
+    name: str
+    inputs: list[Path]
+    out: Path | None = None
+    chat: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and check a job file; raises JobFileError naming the file and the key."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise JobFileError(f"{path}: cannot read job file ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"{path}: not valid TOML: {exc}") from None
+
+    def bad(key: str, what: str) -> JobFileError:
+        return JobFileError(f"{path}: {key}: {what}")
+
+    unknown = sorted(set(data) - _KNOWN)
+    if unknown:
+        raise bad(unknown[0], f"unknown key (known: {', '.join(sorted(_KNOWN))})")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise bad("name", "must be a non-empty string")
+    inputs = data.get("inputs")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) and p for p in inputs):
+        raise bad("inputs", "must be a list of prompt file paths (relative to the job file)")
+    out = data.get("out")
+    if out is not None and (not isinstance(out, str) or not out):
+        raise bad("out", "must be a directory path")
+    chat = data.get("chat", {})
+    if not isinstance(chat, dict):
+        raise bad("chat", "must be a table of chat parameters, e.g. [chat] temperature = 0.7")
+    if "stream" in chat or "messages" in chat or "model" in chat:
+        raise bad("chat", "sets chat parameters such as temperature or max_tokens; not stream, messages or model")
+    if "max_tokens" in chat and (not isinstance(chat["max_tokens"], int) or chat["max_tokens"] < 1):
+        raise bad("chat.max_tokens", "must be a positive integer")
+    settings: dict[str, Any] = {}
+    for key, (types, option) in _SCALARS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise bad(key, f"must be {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}")
+        if isinstance(value, int | float) and value <= 0:
+            raise bad(key, "must be positive")
+        settings[option] = value
+    return JobSpec(
+        path=path,
+        name=name,
+        inputs=[path.parent / p for p in inputs],
+        out=Path(out) if out else None,
+        chat=dict(chat),
+        settings=settings,
+    )
