@@ -1,0 +1,67 @@
+"""Run the real `batchgate` command and a real simulator process, as a user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+# The command installed beside the interpreter running the tests (a venv need not be on PATH).
+_beside = Path(sys.executable).with_name("batchgate")
+BATCHGATE = str(_beside) if _beside.exists() else (shutil.which("batchgate") or "batchgate")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("GONKAGATE_", "BATCHGATE_"))}
+    e.update(extra)
+    return e
+
+
+def bg(*args: str, key: str | None = "gp-test", timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    extra = {"GONKAGATE_API_KEY": key} if key else {}
+    return subprocess.run(
+        [BATCHGATE, *args], capture_output=True, text=True, env=env(**extra), timeout=timeout, check=False
+    )
+
+
+class Sim:
+    def __init__(self, proc: subprocess.Popen[str], url: str, billing_log: Path) -> None:
+        self.proc, self.url, self.billing_log = proc, url, billing_log
+
+    def billing(self) -> list[dict[str, object]]:
+        return [orjson.loads(x) for x in self.billing_log.read_bytes().splitlines()]
+
+
+def simulator_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sim]:
+    args = getattr(request, "param", [])
+    log = tmp_path / "billing.jsonl"
+    proc = subprocess.Popen(
+        [BATCHGATE, "simulate", "--port", "0", "--billing-log", str(log), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline().strip()
+    assert first.startswith("listening on http://127.0.0.1:"), first
+    try:
+        yield Sim(proc, first.removeprefix("listening on "), log)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def prompts(path: Path, n: int) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            line = {"id": f"p{i}", "prompt": f"prompt number {i} " + "pad " * (i % 23), "max_tokens": 30}
+            f.write(orjson.dumps(line).decode() + "\n")
+    return path

@@ -1,0 +1,77 @@
+"""TOML job files: paths relative to the file, settings checked, typos refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchgate.errors import JobFileError
+from batchgate.jobfile import load_job
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "jobs").mkdir(exist_ok=True)
+    path = tmp_path / "jobs" / "night.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_job(tmp_path: Path) -> None:
+    spec = load_job(
+        write(
+            tmp_path,
+            'name = "n"\ninputs = ["a.jsonl", "sub/b.jsonl"]\nout = "reports/n"\nmodel = "m"\nconcurrency = 8\n'
+            'rpm = 120\nmax_cost_usd = 2.5\nsystem = "Be brief."\n[chat]\ntemperature = 0.2\nmax_tokens = 99\n',
+        )
+    )
+    assert spec.name == "n"
+    assert spec.inputs == [tmp_path / "jobs" / "a.jsonl", tmp_path / "jobs" / "sub" / "b.jsonl"]
+    assert spec.out == Path("reports/n")
+    assert spec.chat == {"temperature": 0.2, "max_tokens": 99}
+    assert spec.settings == {
+        "default_model": "m",
+        "concurrency": 8,
+        "rpm": 120,
+        "max_cost": 2.5,
+        "system_prompt": "Be brief.",
+    }
+
+
+def test_name_defaults_to_stem_and_single_input_string(tmp_path: Path) -> None:
+    spec = load_job(write(tmp_path, 'inputs = "p.jsonl"\n'))
+    assert spec.name == "night" and spec.inputs == [tmp_path / "jobs" / "p.jsonl"] and spec.settings == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('inputs = ["a.jsonl"]\nmax_cost = 3\n', "max_cost: unknown key"),
+        ("inputs = []\n", "inputs: must be a list"),
+        ('inputs = ["a.jsonl"]\nconcurrency = "8"\n', "concurrency: must be int, not str"),
+        ('inputs = ["a.jsonl"]\nconcurrency = true\n', "concurrency: must be int, not bool"),
+        ('inputs = ["a.jsonl"]\nmax_cost_usd = -1\n', "max_cost_usd: must be positive"),
+        ('inputs = ["a.jsonl"]\n[chat]\nstream = false\n', "chat: sets chat parameters"),
+        ('inputs = ["a.jsonl"]\n[chat]\nmax_tokens = 0\n', "chat.max_tokens: must be a positive integer"),
+        ("inputs = [\n", "not valid TOML"),
+    ],
+)
+def test_mistakes_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(JobFileError) as info:
+        load_job(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert needle in str(info.value)
+
+
+def test_missing_job_file(tmp_path: Path) -> None:
+    with pytest.raises(JobFileError, match="cannot read job file"):
+        load_job(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "nightly.toml"])
+def test_shipped_jobs_load_and_their_prompts_exist(name: str) -> None:
+    spec = load_job(REPO / "jobs" / name)
+    assert all(p.exists() for p in spec.inputs)
