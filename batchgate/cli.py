@@ -404,9 +404,10 @@ def _now() -> str:
 
 
 def _write_reports(out_dir: Path, quiet: bool) -> None:
-    try:
-        from . import reports
-    except ImportError:  # pragma: no cover - reports land with their own issue
+    """End-of-run reports: a failure here is reported but never changes the run's exit code."""
+    from . import reports
+
+    if not (out_dir / LEDGER_NAME).exists():
         return
     try:
         result = reports.build_reports([out_dir])
@@ -415,7 +416,31 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
         return
     if not quiet:
         click.echo(result.table)
-        click.echo(f"reports in {out_dir}/ (report.html, summary.csv, summary.parquet, requests.parquet)")
+        click.echo(f"reports: {', '.join(str(f) for f in result.files)}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write the reports.")
+@click.option("--by", default="job,model", show_default=True, help="Group by any of job,model,day,status.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet", "html", "all"]),
+    multiple=True,
+    default=["all"],
+    show_default=True,
+)
+@_guard
+def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str, ...]) -> None:
+    """Cost reports over run directories (or globs, or a parent holding many runs)."""
+    from . import reports
+
+    formats = ("csv", "parquet", "html") if "all" in fmt else fmt
+    result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
+    click.echo(result.table)
+    for f in result.files:
+        click.echo(f"wrote {f}")
 
 
 # -- simulate ---------------------------------------------------------------------------------------
