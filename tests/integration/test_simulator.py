@@ -1,0 +1,623 @@
+"""The simulator over real loopback HTTP: wire format, determinism, every fault, and its billing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from batchgate.simulator import (
+    BILLING_KEY,
+    DEFAULT_PRICES,
+    Billing,
+    SimulatorConfig,
+    create_app,
+    running_simulator,
+    serve_forever,
+)
+
+MODEL = "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"
+IN_PRICE, OUT_PRICE = 2.5, 10.0  # the docs' model, as the simulator's default table prices it
+AUTH = {"Authorization": "Bearer gp-test"}
+
+Event = dict[str, Any] | str  # a parsed `data:` payload, or "[DONE]"
+
+
+def chat(content: str = "Hello!", *, stream: bool = True, model: str = MODEL, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream, **extra}
+
+
+def parse_sse(raw: bytes) -> tuple[list[Event], int]:
+    """Complete events in ``raw`` (a trailing partial event is dropped) and the comment count."""
+    events: list[Event] = []
+    comments = 0
+    blocks = raw.split(b"\n\n")
+    for block in blocks[:-1]:
+        for line in block.split(b"\n"):
+            if line.startswith(b":"):
+                comments += 1
+            elif line.startswith(b"data: "):
+                payload = line[len(b"data: ") :]
+                events.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+            else:
+                raise AssertionError(f"unexpected SSE line {line!r}")
+    return events, comments
+
+
+def content_of(events: list[Event]) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and "choices" in e
+    )
+
+
+def tokens_in(text: str) -> int:
+    # Every piece is one word plus a trailing space, and no word holds a space.
+    return text.count(" ")
+
+
+def expected_costs(prompt_tokens: int, completion_tokens: int) -> tuple[float, float, float]:
+    base = prompt_tokens * IN_PRICE / 1e6 + completion_tokens * OUT_PRICE / 1e6
+    fee = base * 0.10
+    return base, fee, base + fee
+
+
+async def post(
+    session: aiohttp.ClientSession, base_url: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, Mapping[str, str], bytes]:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with session.post(f"{base_url}/chat/completions", data=data, headers=AUTH | (headers or {})) as resp:
+        return resp.status, resp.headers, await resp.read()
+
+
+async def read_until_error(resp: aiohttp.ClientResponse) -> tuple[bytes, BaseException | None]:
+    raw = b""
+    try:
+        async for data in resp.content.iter_any():
+            raw += data
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return raw, exc
+    return raw, None
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+async def test_stream_wire_format_and_billing(session: aiohttp.ClientSession) -> None:
+    async with (
+        running_simulator(SimulatorConfig(seed=7)) as sim,
+        session.post(
+            f"{sim.base_url}/chat/completions", json=chat(), headers=AUTH | {"X-Client-Request-Id": "req-1"}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events, comments = parse_sse(await resp.read())
+
+    assert comments == 0
+    assert events[-1] == "[DONE]"
+    role, *middle, final, _done = events
+    assert isinstance(role, dict) and isinstance(final, dict)
+    assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    for event in events[:-1]:
+        assert isinstance(event, dict)
+        assert list(event)[:5] == ["id", "object", "created", "model", "choices"]
+        assert event["object"] == "chat.completion.chunk"
+        assert event["id"] == role["id"] and event["id"].startswith("chatcmpl-")
+        assert event["model"] == MODEL
+    for chunk in middle:
+        assert isinstance(chunk, dict) and "usage" not in chunk
+        assert chunk["choices"][0]["finish_reason"] is None
+        assert tokens_in(chunk["choices"][0]["delta"]["content"]) == 1
+    assert final["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+
+    content = content_of(events)
+    usage = final["usage"]
+    assert usage["prompt_tokens"] == math.ceil(len("Hello!") / 4) + 4
+    assert usage["completion_tokens"] == len(middle) == tokens_in(content)
+    assert 8 <= usage["completion_tokens"] <= 64
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    base, fee, total = expected_costs(usage["prompt_tokens"], usage["completion_tokens"])
+    assert (usage["base_cost_usd"], usage["platform_fee_usd"], usage["total_cost_usd"]) == (base, fee, total)
+
+    [record] = sim.billing.records
+    assert record["status"] == "completed" and record["fault"] is None
+    assert record["client_request_id"] == "req-1"
+    assert record["response_id"] == role["id"]
+    assert record["content"] == content
+    for key in ("prompt_tokens", "completion_tokens", "base_cost_usd", "platform_fee_usd", "total_cost_usd"):
+        assert record[key] == usage[key]
+    assert sim.billing.completed_total_usd() == total
+    assert sim.billing.cut_total_usd() == 0.0
+
+
+def test_default_prices_reproduce_the_docs_example() -> None:
+    # docs: 10 prompt + 5 completion tokens -> base 0.000075, fee 0.0000075, total 0.0000825
+    base, fee, total = SimulatorConfig().costs(MODEL, 10, 5)
+    assert (base, fee, total) == pytest.approx((0.000075, 0.0000075, 0.0000825), abs=1e-15)
+    assert len(DEFAULT_PRICES) >= 3 and len(set(DEFAULT_PRICES.values())) == len(DEFAULT_PRICES)
+    assert SimulatorConfig().price("some/unknown-model") == SimulatorConfig().default_price
+
+
+async def test_tokens_per_chunk_and_keepalives_keep_the_content(session: aiohttp.ClientSession) -> None:
+    body = chat("Tell me about rivers and mountains in some detail please.")
+    async with running_simulator(SimulatorConfig(seed=3)) as plain:
+        _, _, raw_plain = await post(session, plain.base_url, body)
+    async with running_simulator(SimulatorConfig(seed=3, tokens_per_chunk=3, keepalive_rate=0.5)) as grouped:
+        _, _, raw_grouped = await post(session, grouped.base_url, body)
+    events_plain, comments_plain = parse_sse(raw_plain)
+    events_grouped, comments_grouped = parse_sse(raw_grouped)
+    n = tokens_in(content_of(events_plain))
+    assert content_of(events_grouped) == content_of(events_plain)
+    assert len(events_grouped) == 1 + math.ceil(n / 3) + 2  # role, content, final, [DONE]
+    assert comments_plain == 0 and comments_grouped >= 1
+
+
+async def test_max_tokens_cuts_the_answer_with_length(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=5)) as sim:
+        _, _, full = await post(session, sim.base_url, chat())
+        _, _, capped = await post(session, sim.base_url, chat(max_tokens=3))
+        _, _, alias = await post(session, sim.base_url, chat(max_completion_tokens=3))
+    full_events, capped_events = parse_sse(full)[0], parse_sse(capped)[0]
+    final = capped_events[-2]
+    assert isinstance(final, dict)
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 3
+    words = content_of(full_events).split(" ")
+    assert content_of(capped_events) == " ".join(words[:3]) + " "
+    assert content_of(parse_sse(alias)[0]) == content_of(capped_events)
+
+
+async def test_content_is_deterministic(session: aiohttp.ClientSession) -> None:
+    async def answer(seed: int, body: dict[str, Any]) -> str:
+        async with running_simulator(SimulatorConfig(seed=seed)) as sim:
+            _, _, raw = await post(session, sim.base_url, body)
+            _, _, again = await post(session, sim.base_url, body)
+        first, second = content_of(parse_sse(raw)[0]), content_of(parse_sse(again)[0])
+        assert first == second  # a retry gets the same words
+        return first
+
+    body = chat("What is a token bucket?")
+    first = await answer(11, body)
+    assert await answer(11, body) == first  # across a restart with the same seed
+    assert await answer(12, body) != first
+    assert await answer(11, chat("What is a token bucket?", model="Qwen/Qwen3-32B-FP8")) != first
+    assert await answer(11, chat("What is a leaky bucket?")) != first
+
+
+async def test_longer_prompts_get_longer_answers(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=1, min_completion_tokens=8, max_completion_tokens=512)
+    lengths: dict[str, list[int]] = {"short": [], "long": []}
+    async with running_simulator(config) as sim:
+        for i in range(10):
+            for kind, text in (("short", f"hi {i}"), ("long", f"question {i} " + "lorem ipsum " * 60)):
+                _, _, raw = await post(session, sim.base_url, chat(text, stream=False))
+                lengths[kind].append(orjson.loads(raw)["usage"]["completion_tokens"])
+    assert all(8 <= n <= 512 for n in lengths["short"] + lengths["long"])
+    assert min(lengths["long"]) > max(lengths["short"])
+
+
+async def test_non_streaming_answer_matches_the_stream(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=2)) as sim:
+        _, _, streamed = await post(session, sim.base_url, chat())
+        status, headers, raw = await post(session, sim.base_url, chat(stream=False))
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    body = orjson.loads(raw)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": content_of(parse_sse(streamed)[0])}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    completed = sim.billing.completed()
+    assert [r["stream"] for r in completed] == [True, False]
+    assert completed[1]["total_cost_usd"] == body["usage"]["total_cost_usd"]
+    assert body["usage"]["total_cost_usd"] == expected_costs(6, body["usage"]["completion_tokens"])[2]
+
+
+async def test_openai_sdk_reads_stream_and_json() -> None:
+    async with (
+        running_simulator(SimulatorConfig(seed=4)) as sim,
+        openai.AsyncOpenAI(base_url=sim.base_url, api_key="gp-test", max_retries=0) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Write a poem"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usages = "", []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            if chunk.usage:
+                usages.append(chunk.usage)
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Write a poem"}]
+        )
+        async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-nope", max_retries=0) as bad_key:
+            with pytest.raises(openai.AuthenticationError):
+                await bad_key.models.list()
+
+    [usage] = usages
+    streamed_record, json_record = sim.billing.records
+    assert text == streamed_record["content"] and text
+    assert usage.completion_tokens == tokens_in(text)
+    assert (usage.model_extra or {})["total_cost_usd"] == streamed_record["total_cost_usd"]
+    assert completion.choices[0].message.content == text
+    assert completion.usage is not None
+    assert (completion.usage.model_extra or {})["total_cost_usd"] == json_record["total_cost_usd"]
+
+
+async def test_models_lists_the_price_table(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig()) as sim:
+        async with session.get(f"{sim.base_url}/models", headers=AUTH) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        async with session.get(f"{sim.base_url}/models") as resp:
+            assert resp.status == 401
+    assert [m["id"] for m in body["data"]] == list(DEFAULT_PRICES)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer sk-123"}, {"Authorization": "Basic gp-123"}, {"Authorization": "Bearer "}],
+)
+async def test_bad_key_is_401(session: aiohttp.ClientSession, headers: dict[str, str]) -> None:
+    async with running_simulator(SimulatorConfig()) as sim:
+        data = orjson.dumps(chat())
+        async with session.post(f"{sim.base_url}/chat/completions", data=data, headers=headers) as resp:
+            assert resp.status == 401
+            error = (await resp.json())["error"]
+    assert error["type"] == "authentication_error" and error["code"] == 401 and error["message"]
+    assert sim.billing.records == [] and sim.billing.events["unauthorized"] == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2]",
+        orjson.dumps({"model": MODEL, "stream": True}),
+        orjson.dumps({"model": MODEL, "messages": []}),
+        orjson.dumps({"model": MODEL, "messages": "hi"}),
+        orjson.dumps({"model": MODEL, "messages": ["hi"]}),
+        orjson.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        orjson.dumps(chat(max_tokens=0)),
+        orjson.dumps(chat(max_tokens="5")),
+        orjson.dumps(chat(stream="yes")),
+    ],
+)
+async def test_bad_request_is_400(session: aiohttp.ClientSession, body: bytes) -> None:
+    async with running_simulator(SimulatorConfig()) as sim:
+        status, _, raw = await post(session, sim.base_url, body)
+    assert status == 400
+    error = orjson.loads(raw)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == 400 and error["message"]
+    assert sim.billing.records == []
+
+
+async def test_rate_limit_is_429_with_retry_after(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(rate_limit_rate=1.0, retry_after_s=0.25)) as sim:
+        status, headers, raw = await post(session, sim.base_url, chat())
+    assert status == 429
+    assert float(headers["Retry-After"]) == 0.25
+    assert orjson.loads(raw)["error"]["code"] == 429
+    assert sim.billing.records == [] and sim.billing.events["rate_limited"] == 1
+
+
+async def test_server_error_is_500_before_streaming(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(server_error_rate=1.0)) as sim:
+        status, headers, raw = await post(session, sim.base_url, chat())
+    assert status == 500 and headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(raw)["error"]["type"] == "server_error"
+    assert sim.billing.records == []
+
+
+async def test_reset_cuts_the_connection_and_bills_what_was_sent(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=9, reset_rate=1.0)) as sim:
+        for i in range(5):
+            headers = AUTH | {"X-Client-Request-Id": f"r{i}"}
+            async with session.post(f"{sim.base_url}/chat/completions", json=chat(f"q{i}"), headers=headers) as r:
+                assert r.status == 200
+                raw, error = await read_until_error(r)
+            assert isinstance(error, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError)
+            events, _ = parse_sse(raw)
+            assert "[DONE]" not in events and all("usage" not in e for e in events if isinstance(e, dict))
+            [record] = [r for r in sim.billing.records if r["client_request_id"] == f"r{i}"]
+            received = content_of(events)
+            assert record["status"] == "cut" and record["fault"] == "reset"
+            assert record["content"] == received
+            assert record["completion_tokens"] == tokens_in(received) >= 1
+            assert record["total_cost_usd"] == expected_costs(record["prompt_tokens"], tokens_in(received))[2]
+    assert sim.billing.completed_total_usd() == 0.0
+    assert sim.billing.cut_total_usd() == math.fsum(r["total_cost_usd"] for r in sim.billing.records)
+
+
+async def test_midstream_error_event_ends_the_stream(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=9, midstream_error_rate=1.0)) as sim:
+        status, _, raw = await post(session, sim.base_url, chat())  # the body ends cleanly
+    assert status == 200
+    events, _ = parse_sse(raw)
+    assert events[-1] == {"error": {"message": "upstream model error", "type": "server_error", "code": 500}}
+    assert "[DONE]" not in events
+    assert all("usage" not in e for e in events if isinstance(e, dict))
+    [record] = sim.billing.records
+    assert record["status"] == "cut" and record["fault"] == "midstream_error"
+    assert record["completion_tokens"] == tokens_in(content_of(events)) >= 1
+
+
+async def test_stall_trips_the_client_idle_timeout_and_is_billed_cut(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=9, stall_rate=1.0, stall_s=10.0)) as sim:
+        started = time.monotonic()
+        async with session.post(
+            f"{sim.base_url}/chat/completions",
+            json=chat(),
+            headers=AUTH,
+            timeout=aiohttp.ClientTimeout(sock_read=0.2),
+        ) as resp:
+            raw, error = await read_until_error(resp)
+        assert isinstance(error, TimeoutError)
+        assert time.monotonic() - started < 2.0
+        # Leaving the `async with` dropped the connection: the server notices within its poll.
+        await wait_until(lambda: len(sim.billing.records) == 1)
+        [record] = sim.billing.records
+        assert record["status"] == "cut" and record["fault"] == "stall"
+        assert record["completion_tokens"] == tokens_in(content_of(parse_sse(raw)[0])) >= 1
+
+
+async def test_short_stall_then_the_stream_completes(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=9, stall_rate=1.0, stall_s=0.2)) as sim:
+        started = time.monotonic()
+        status, _, raw = await post(session, sim.base_url, chat())
+        elapsed = time.monotonic() - started
+    events, _ = parse_sse(raw)
+    assert status == 200 and events[-1] == "[DONE]" and elapsed >= 0.2
+    [record] = sim.billing.records
+    assert record["status"] == "completed" and record["fault"] == "stall"
+    assert record["content"] == content_of(events)
+
+
+async def test_first_token_delay_comes_after_the_role_chunk(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(first_token_delay_s=0.2, token_delay_s=0.01, max_completion_tokens=8)
+    async with running_simulator(config) as sim:
+        started = time.monotonic()
+        async with session.post(f"{sim.base_url}/chat/completions", json=chat(), headers=AUTH) as resp:
+            first = await resp.content.readany()
+            first_at = time.monotonic() - started
+            raw = first + await resp.read()
+        elapsed = time.monotonic() - started
+    events, _ = parse_sse(first)
+    assert first_at < 0.2 and len(events) == 1 and content_of(events) == ""  # the role chunk alone
+    assert elapsed >= 0.2 + 7 * 0.01
+    assert parse_sse(raw)[0][-1] == "[DONE]"
+
+
+async def test_shutdown_bills_open_streams_as_cut(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(stall_rate=1.0, stall_s=30.0)) as sim:
+        resp = await session.post(f"{sim.base_url}/chat/completions", json=chat(), headers=AUTH)
+        raw = await resp.content.readany()
+        assert sim.billing.records == []
+        started = time.monotonic()
+    assert time.monotonic() - started < 2.0  # open streams are cancelled, not waited for
+    rest, error = await read_until_error(resp)
+    resp.release()
+    assert error is not None
+    [record] = sim.billing.records
+    assert record["status"] == "cut" and record["fault"] == "stall"
+    assert record["completion_tokens"] == tokens_in(content_of(parse_sse(raw + rest)[0])) >= 1
+
+
+async def test_client_leaving_mid_stream_is_billed_cut(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=1, token_delay_s=0.02, min_completion_tokens=50, max_completion_tokens=50)
+    async with running_simulator(config) as sim:
+        async with session.post(f"{sim.base_url}/chat/completions", json=chat(), headers=AUTH) as resp:
+            raw = b""
+            while raw.count(b'"content":"') < 4:  # the role chunk and three tokens
+                raw += await resp.content.readany()
+            resp.close()
+        await wait_until(lambda: len(sim.billing.records) == 1)
+    [record] = sim.billing.records
+    assert record["status"] == "cut" and record["fault"] == "disconnect"
+    assert 3 <= record["completion_tokens"] < 50
+    assert record["content"].startswith(content_of(parse_sse(raw)[0]))
+
+
+async def test_spent_balance_gives_402(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(balance_usd=1e-4)) as sim:
+        statuses = [(await post(session, sim.base_url, chat()))[0] for _ in range(3)]
+        status, _, raw = await post(session, sim.base_url, chat(stream=False))
+    assert statuses[0] == 200 and 402 in statuses
+    first_402 = statuses.index(402)
+    assert all(s == 402 for s in statuses[first_402:]) and status == 402
+    assert sim.billing.spent_usd >= 1e-4
+    assert math.fsum(r["total_cost_usd"] for r in sim.billing.records[:-1]) < 1e-4  # stopped right after
+    error = orjson.loads(raw)["error"]
+    assert error["type"] == "insufficient_balance" and error["code"] == 402
+    assert len(sim.billing.records) == first_402
+
+
+async def test_fault_rates_hold_and_billing_matches_the_client(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(
+        seed=2024,
+        rate_limit_rate=0.1,
+        server_error_rate=0.1,
+        reset_rate=0.1,
+        midstream_error_rate=0.1,
+        keepalive_rate=0.2,
+    )
+    total = 400
+    outcomes: dict[str, str] = {}
+    received: dict[str, int] = {}
+    confirmed_costs: list[float] = []
+    gate = asyncio.Semaphore(50)
+
+    async def one(i: int) -> None:
+        cid = f"c{i}"
+        async with (
+            gate,
+            session.post(
+                f"{sim.base_url}/chat/completions",
+                json=chat(f"prompt number {i} " * (i % 7 + 1)),
+                headers=AUTH | {"X-Client-Request-Id": cid},
+            ) as resp,
+        ):
+            if resp.status != 200:
+                outcomes[cid] = str(resp.status)
+                return
+            raw, error = await read_until_error(resp)
+        events, _ = parse_sse(raw)
+        received[cid] = tokens_in(content_of(events))
+        if error is not None:
+            outcomes[cid] = "reset"
+        elif isinstance(events[-1], dict) and "error" in events[-1]:
+            outcomes[cid] = "midstream"
+        else:
+            final = events[-2]
+            assert isinstance(final, dict) and events[-1] == "[DONE]"
+            confirmed_costs.append(final["usage"]["total_cost_usd"])
+            outcomes[cid] = "completed"
+
+    async with running_simulator(config) as sim:
+        await asyncio.gather(*(one(i) for i in range(total)))
+
+    counts = {kind: list(outcomes.values()).count(kind) for kind in ("429", "500", "reset", "midstream")}
+    for kind, n in counts.items():
+        assert 20 <= n <= 60, (kind, n)  # expected 40 each; the seed makes this exact, not flaky
+    billing = sim.billing
+    assert billing.events["rate_limited"] == counts["429"] and billing.events["server_error"] == counts["500"]
+    assert billing.events["reset"] == counts["reset"]
+    assert billing.events["midstream_error"] == counts["midstream"]
+    assert len(billing.completed()) == len(confirmed_costs) == total - sum(counts.values())
+    assert len(billing.cut()) == counts["reset"] + counts["midstream"]
+    assert abs(billing.completed_total_usd() - math.fsum(confirmed_costs)) <= 1e-9
+    for record in billing.records:
+        assert record["completion_tokens"] == received[record["client_request_id"]]
+    assert min(r["completion_tokens"] for r in billing.cut()) >= 1  # faults strike after a token
+    assert set(billing.completed_count_by_client_id().values()) == {1}
+
+
+async def test_fault_sequence_is_seeded(session: aiohttp.ClientSession) -> None:
+    async def statuses(seed: int) -> list[int]:
+        async with running_simulator(SimulatorConfig(seed=seed, rate_limit_rate=0.5)) as sim:
+            return [(await post(session, sim.base_url, chat(stream=False)))[0] for _ in range(30)]
+
+    first = await statuses(1)
+    assert set(first) == {200, 429}
+    assert await statuses(1) == first
+    assert await statuses(2) != first
+
+
+async def test_billing_log_lines_match_records(session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    log = tmp_path / "billing.jsonl"
+    config = SimulatorConfig(seed=8, reset_rate=0.4, billing_log=str(log))
+    async with running_simulator(config) as sim:
+        for i in range(10):
+            async with session.post(f"{sim.base_url}/chat/completions", json=chat(f"q{i}"), headers=AUTH) as resp:
+                await read_until_error(resp)
+        # Flushed per record: readable while the server still runs.
+        lines = log.read_bytes().splitlines()
+        assert len(lines) == 10
+    assert [orjson.loads(line) for line in lines] == sim.billing.records
+    assert {r["status"] for r in sim.billing.records} == {"completed", "cut"}
+    async with running_simulator(dataclasses.replace(config, reset_rate=0.0)) as again:  # appends
+        await post(session, again.base_url, chat("q0"))
+    assert len(log.read_bytes().splitlines()) == 11
+
+
+async def test_duplicate_client_ids_are_counted(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig()) as sim:
+        for cid in ("a", "b", "a"):
+            await post(session, sim.base_url, chat(), {"X-Client-Request-Id": cid})
+        await post(session, sim.base_url, chat())
+    counts = sim.billing.completed_count_by_client_id()
+    assert counts["a"] == 2 and counts["b"] == 1 and counts[None] == 1
+
+
+async def test_create_app_under_aiohttp_server(aiohttp_server: Any, session: aiohttp.ClientSession) -> None:
+    app = create_app(SimulatorConfig(seed=6))
+    server = await aiohttp_server(app)
+    status, _, raw = await post(session, str(server.make_url("/v1")), chat())
+    assert status == 200
+    billing = app[BILLING_KEY]
+    assert isinstance(billing, Billing)
+    assert billing.records[0]["content"] == content_of(parse_sse(raw)[0])
+
+
+async def test_serve_forever_reports_its_url_and_stops_on_cancel(session: aiohttp.ClientSession) -> None:
+    urls: list[str] = []
+    task = asyncio.create_task(serve_forever(SimulatorConfig(), "127.0.0.1", 0, urls.append))
+    await wait_until(lambda: bool(urls))
+    assert urls[0].startswith("http://127.0.0.1:") and urls[0].endswith("/v1")
+    assert (await post(session, urls[0], chat()))[0] == 200
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await post(session, urls[0], chat())
+
+
+def test_serve_process_prints_url_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "billing.jsonl"
+    code = (
+        "from batchgate.simulator import SimulatorConfig, serve\n"
+        f"serve(SimulatorConfig(billing_log={str(log)!r}), "
+        "on_ready=lambda url: print('listening on', url, flush=True))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:")
+        url = line.split()[-1]
+
+        async def one() -> int:
+            async with aiohttp.ClientSession() as client_session:
+                return (await post(client_session, url, chat()))[0]
+
+        assert asyncio.run(one()) == 200
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert len(log.read_bytes().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"reset_rate": 1.5},
+        {"keepalive_rate": -0.1},
+        {"reset_rate": 0.6, "rate_limit_rate": 0.6},
+        {"min_completion_tokens": 10, "max_completion_tokens": 5},
+        {"min_completion_tokens": 0},
+        {"tokens_per_chunk": 0},
+        {"stall_s": -1.0},
+    ],
+)
+def test_bad_config_is_rejected(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SimulatorConfig(**kwargs)
