@@ -458,6 +458,9 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
 @click.option("--retry-after", type=float, default=0.05, show_default=True)
 @click.option("--server-error-rate", type=float, default=0.0, help="Share of requests answered 500.")
 @click.option("--midstream-error-rate", type=float, default=0.0, help="Share of streams with an error chunk.")
+@click.option("--min-completion-tokens", type=int, default=8, show_default=True)
+@click.option("--max-completion-tokens", type=int, default=64, show_default=True)
+@click.option("--keepalive-rate", type=float, default=0.0, help="Share of chunks preceded by a keep-alive comment.")
 @click.option("--balance", type=float, default=None, help="USD to bill before answering 402.")
 @click.option("--billing-log", type=click.Path(dir_okay=False), default=None, help="Append what was billed as JSONL.")
 @_guard
@@ -466,19 +469,25 @@ def simulate(**opts: Any) -> None:
     from .simulator import SimulatorConfig, serve
 
     host, port = opts.pop("host"), opts.pop("port")
-    cfg = SimulatorConfig(
-        seed=opts["seed"],
-        token_delay_s=opts["token_delay"],
-        reset_rate=opts["reset_rate"],
-        stall_rate=opts["stall_rate"],
-        stall_s=opts["stall_s"],
-        rate_limit_rate=opts["rate_limit_rate"],
-        retry_after_s=opts["retry_after"],
-        server_error_rate=opts["server_error_rate"],
-        midstream_error_rate=opts["midstream_error_rate"],
-        balance_usd=opts["balance"],
-        billing_log=opts["billing_log"],
-    )
+    try:
+        cfg = SimulatorConfig(
+            seed=opts["seed"],
+            token_delay_s=opts["token_delay"],
+            reset_rate=opts["reset_rate"],
+            stall_rate=opts["stall_rate"],
+            stall_s=opts["stall_s"],
+            rate_limit_rate=opts["rate_limit_rate"],
+            retry_after_s=opts["retry_after"],
+            server_error_rate=opts["server_error_rate"],
+            midstream_error_rate=opts["midstream_error_rate"],
+            min_completion_tokens=opts["min_completion_tokens"],
+            max_completion_tokens=opts["max_completion_tokens"],
+            keepalive_rate=opts["keepalive_rate"],
+            balance_usd=opts["balance"],
+            billing_log=opts["billing_log"],
+        )
+    except ValueError as exc:
+        raise InputError(f"simulator: {exc}") from None
 
     def ready(url: str) -> None:
         click.echo(f"listening on {url}")
