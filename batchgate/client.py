@@ -161,7 +161,9 @@ def _stream_error(err: Any, parts: list[str]) -> ApiError:
     status = code if isinstance(code, int) else None
     kind = err.get("type") if isinstance(err, dict) else None
     if status == 402 or kind == "insufficient_balance":
-        return InsufficientBalance(f"error sent mid-stream: {message}", status=402)
+        return InsufficientBalance(
+            f"error sent mid-stream: {message}", status=402, received_tokens=len(parts), content="".join(parts)
+        )
     return StreamInterrupted(
         f"error sent mid-stream: {message}", status=status, received_tokens=len(parts), content="".join(parts)
     )
