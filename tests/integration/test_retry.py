@@ -57,9 +57,14 @@ async def test_attempts_run_out() -> None:
 async def test_retry_after_is_honoured_over_backoff() -> None:
     _calls, attempt = scripted(RateLimited("slow down", status=429, retry_after=0.2), None)
     t0 = time.monotonic()
-    out = await RetryPolicy(3, 0.0, 0.01).run(attempt)  # type: ignore[arg-type]
+    out = await RetryPolicy(3, 0.0, 1.0).run(attempt)  # type: ignore[arg-type]
     assert out.completion is not None and out.causes == ["rate_limited"]
     assert time.monotonic() - t0 >= 0.19
+
+
+def test_absurd_retry_after_is_capped() -> None:
+    policy = RetryPolicy(3, 0.5, 30.0)
+    assert policy.backoff(1, RateLimited("x", retry_after=3600)) == 120.0
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
