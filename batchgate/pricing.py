@@ -11,12 +11,42 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Budget", "ModelPrice", "PriceBook", "exact_sum"]
+__all__ = ["Budget", "ModelPrice", "PriceBook", "RunningSum", "exact_sum"]
 
 
 def exact_sum(values: list[float]) -> float:
     """Sum money without float drift (a million rows must add up to 1e-9)."""
     return math.fsum(values)
+
+
+class RunningSum:
+    """An exact running sum in constant memory (Shewchuk's partials, what ``math.fsum`` uses).
+
+    A run of ten million requests must neither drift nor keep ten million floats around.
+    """
+
+    __slots__ = ("_partials",)
+
+    def __init__(self) -> None:
+        self._partials: list[float] = []
+
+    def add(self, x: float) -> None:
+        partials = self._partials
+        i = 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self._partials)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from .config import RunConfig
 from .errors import ApiError, AuthError, InputError, InsufficientBalance, RateLimited
 from .ledger import Ledger, lock_output_dir, write_atomic
 from .models import LEDGER_VERSION, PromptRecord, RunSummary
-from .pricing import Budget, PriceBook, exact_sum
+from .pricing import Budget, PriceBook, RunningSum
 from .retry import Outcome, RetryPolicy
 from .throttle import Throttle
 
@@ -71,8 +71,8 @@ class Runner:
         self._ledger = Ledger(config.out_dir)
         self._flush_scheduled = False
         self._unpriced: list[tuple[str, int, int]] = []  # (model, prompt_chars, cut tokens)
-        self._unconfirmed: list[float] = []
-        self._confirmed: list[float] = []
+        self._unconfirmed = RunningSum()
+        self._confirmed = RunningSum()
         self._tasks: list[asyncio.Task[None]] = []
         self.throttle = Throttle(config.concurrency, config.rpm)
         self.budget = Budget(config.max_cost_usd, self.prices) if config.max_cost_usd is not None else None
@@ -274,7 +274,7 @@ class Runner:
             if unconfirmed is None:
                 self._unpriced.append((rec.model, rec.prompt_chars, cut_tokens))
             else:
-                self._unconfirmed.append(unconfirmed)
+                self._unconfirmed.add(unconfirmed)
         err = outcome.error
         status = "ok" if comp is not None else "failed"
         row = {
@@ -312,7 +312,7 @@ class Runner:
             s.ok += 1
             self._any_response = True
             if total_cost:
-                self._confirmed.append(total_cost)
+                self._confirmed.add(total_cost)
                 s.total_cost_usd += total_cost
             s.prompt_tokens += prompt_tokens or 0
             s.completion_tokens += completion_tokens or 0
@@ -346,7 +346,7 @@ class Runner:
         s.wall_s = time.monotonic() - self._started
         s.slowdowns = self.throttle.slowdowns
         s.min_concurrency = int(self.throttle.min_limit_seen)
-        s.total_cost_usd = exact_sum(self._confirmed)
+        s.total_cost_usd = self._confirmed.value
         # Cut attempts seen before any price was known get priced with what the run learnt since.
         still_unpriced = 0
         for model, chars, tokens in self._unpriced:
@@ -354,8 +354,8 @@ class Runner:
             if est is None:
                 still_unpriced += tokens
             else:
-                self._unconfirmed.append(est)
-        s.unconfirmed_cost_usd = exact_sum(self._unconfirmed)
+                self._unconfirmed.add(est)
+        s.unconfirmed_cost_usd = self._unconfirmed.value
         s.unconfirmed_unpriced_tokens = still_unpriced
         reason = self._stop_reason
         if reason is None and s.failed:

@@ -57,3 +57,25 @@ def test_exact_sum_over_many_tiny_floats() -> None:
     values = [0.1e-6] * 1_000_000
     assert abs(exact_sum(values) - 0.1) < 1e-12
     assert abs(sum(values) - 0.1) > abs(exact_sum(values) - 0.1)
+
+
+def test_running_sum_is_exact_and_small() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from batchgate.pricing import RunningSum
+
+    acc = RunningSum()
+    for _ in range(1_000_000):
+        acc.add(0.1e-6)
+    assert abs(acc.value - 0.1) < 1e-15
+    assert len(acc._partials) < 8
+
+    @given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), max_size=200))
+    def matches_fsum(values: list[float]) -> None:
+        acc = RunningSum()
+        for v in values:
+            acc.add(v)
+        assert acc.value == math.fsum(values)
+
+    matches_fsum()
