@@ -8,6 +8,8 @@ per chunk, content pieces collected in a list and joined once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import time
 from typing import Any
@@ -29,7 +31,7 @@ from .errors import (
 )
 from .sse import SSEDecoder
 
-__all__ = ["Completion", "ConnectFailed", "make_session", "stream_completion"]
+__all__ = ["Completion", "ConnectFailed", "StallWatch", "make_session", "stream_completion"]
 
 _loads = orjson.loads
 _monotonic = time.monotonic
@@ -63,9 +65,13 @@ class Completion:
 
 
 def make_session(
-    api_key: str, *, concurrency: int, connect_timeout_s: float, idle_timeout_s: float
+    api_key: str, *, concurrency: int, connect_timeout_s: float, idle_timeout_s: float | None = None
 ) -> aiohttp.ClientSession:
-    """One session for the whole run: pool sized to the concurrency, key in default headers."""
+    """One session for the whole run: pool sized to the concurrency, key in default headers.
+
+    Leave ``idle_timeout_s`` None when a :class:`StallWatch` guards the streams: aiohttp's own
+    read timeout re-arms a timer on every read, which costs more than the whole SSE parse.
+    """
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
     headers = {
@@ -78,13 +84,68 @@ def make_session(
     )
 
 
+class _Watched:
+    __slots__ = ("last", "stalled", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.last = _monotonic()
+        self.stalled = False
+        self.task = task
+
+
+class StallWatch:
+    """Detects stalled streams with one periodic check for all of them.
+
+    Each stream stamps the time of its last read; every ``idle_s / 4`` the watch cancels the
+    attempts that have been silent for longer than ``idle_s`` and the attempt turns that
+    cancellation into :class:`~batchgate.errors.AttemptTimeout`.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._streams: set[_Watched] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self) -> _Watched:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        w = _Watched(asyncio.current_task())
+        self._streams.add(w)
+        return w
+
+    def unwatch(self, w: _Watched) -> None:
+        self._streams.discard(w)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        idle = self.idle_s
+        while True:
+            await asyncio.sleep(idle / 4)
+            deadline = _monotonic() - idle
+            for w in [w for w in self._streams if w.last < deadline]:
+                self._streams.discard(w)
+                w.stalled = True
+                if w.task is not None:
+                    w.task.cancel()
+
+
 def request_headers(prompt_id: str) -> dict[str, str]:
     """Per-request headers: the prompt id lets the server side (and our simulator) match requests."""
     return {"X-Client-Request-Id": quote(prompt_id, safe="")[:256]}
 
 
 async def stream_completion(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str] | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    watch: StallWatch | None = None,
 ) -> Completion:
     """Run one attempt to completion.
 
@@ -92,6 +153,7 @@ async def stream_completion(
     the failure (for unconfirmed-cost accounting).
     """
     started = _monotonic()
+    watched = watch.watch() if watch is not None else _Watched(None)
     parts: list[str] = []
     usage: dict[str, Any] | None = None
     finish: str | None = None
@@ -105,6 +167,7 @@ async def stream_completion(
             feed = decoder.feed
             append = parts.append
             async for raw in resp.content.iter_any():
+                watched.last = _monotonic()
                 for payload in feed(raw):
                     if payload == b"[DONE]":
                         done = True
@@ -132,6 +195,15 @@ async def stream_completion(
                     done = True
     except ApiError:
         raise
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if watched.stalled and task is not None and task.uncancel() == 0:
+            raise AttemptTimeout(
+                f"no data for {watch.idle_s if watch else '?'}s (stalled stream)",
+                received_tokens=len(parts),
+                content="".join(parts),
+            ) from None
+        raise
     except orjson.JSONDecodeError as exc:
         raise StreamProtocolError(
             f"server sent a chunk that is not JSON: {exc}", received_tokens=len(parts), content="".join(parts)
@@ -148,6 +220,9 @@ async def stream_completion(
             received_tokens=len(parts),
             content="".join(parts),
         ) from None
+    finally:
+        if watch is not None:
+            watch.unwatch(watched)
     if usage is None and not done:
         raise StreamInterrupted(
             "stream ended before its usage chunk", received_tokens=len(parts), content="".join(parts)

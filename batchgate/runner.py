@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from . import jobs
-from .client import Completion, ConnectFailed, make_session, request_headers, stream_completion
+from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
 from .config import RunConfig
 from .errors import ApiError, AuthError, InputError, InsufficientBalance, RateLimited
 from .ledger import Ledger, lock_output_dir, write_atomic
@@ -121,8 +121,8 @@ class Runner:
                 cfg.api_key,
                 concurrency=cfg.concurrency,
                 connect_timeout_s=cfg.connect_timeout_s,
-                idle_timeout_s=cfg.idle_timeout_s,
             )
+            self._watch = StallWatch(cfg.idle_timeout_s)
             policy = RetryPolicy(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, self._on_failed_attempt)
             url = cfg.base_url.rstrip("/") + "/chat/completions"
             try:
@@ -133,6 +133,7 @@ class Runner:
                     ]
                     results = await asyncio.gather(*self._tasks, return_exceptions=True)
             finally:
+                await self._watch.close()
                 self._ledger.close()
                 self._finish()
                 write_atomic(cfg.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2))
@@ -156,6 +157,7 @@ class Runner:
 
     async def _worker(self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str) -> None:
         throttle = self.throttle
+        watch = self._watch
         for rec in records:
             if self._stop_reason is not None:
                 return
@@ -168,7 +170,7 @@ class Runner:
             async def attempt(body: bytes = body, headers: dict[str, str] = headers) -> Completion:
                 await throttle.acquire()
                 try:
-                    return await stream_completion(session, url, body, headers)
+                    return await stream_completion(session, url, body, headers, watch)
                 finally:
                     throttle.release()
 
