@@ -222,6 +222,41 @@ def run(ctx: click.Context, **opts: Any) -> None:
     sys.exit(summary.exit_code)
 
 
+@main.command("estimate")
+@run_options
+@click.option("--sample", type=int, default=200, show_default=True, help="Prompts to run for real.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@click.pass_context
+@_guard
+def estimate_command(ctx: click.Context, **opts: Any) -> None:
+    """Run a random sample of INPUTS for real and project the cost of all of them.
+
+    The sampled answers go into the output directory's ledger: a later `batchgate run` with the
+    same --out reuses them instead of buying them again. --max-cost caps the sample's spend.
+    """
+    from . import estimate as estimating
+
+    inputs, config, opts = _settings(ctx, opts)
+
+    async def go() -> estimating.EstimateResult:
+        async with _maybe_simulator(opts["simulate"], opts["sim_fault_rate"], opts["sim_seed"]) as sim_url:
+            if sim_url:
+                config.base_url = sim_url
+            return await estimating.estimate(inputs, config, sample=opts["sample"], seed=opts["seed"])
+
+    result = asyncio.run(go())
+    files = estimating.write_estimate(result, config.out_dir)
+    log = _Log(opts["quiet"], opts["log_format"])
+    if result.stop_message:
+        log.error(result.stop_message)
+    if not opts["quiet"]:
+        click.echo(result.table)
+        click.echo(f"wrote {', '.join(str(f) for f in files)}")
+    if opts["as_json"]:
+        click.echo(orjson.dumps(result.as_dict()).decode())
+    sys.exit(result.exit_code)
+
+
 def _tune_gc() -> None:
     """Fewer, cheaper collections for a long streaming run.
 
