@@ -24,6 +24,20 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Decode ``chunk``; return the payloads of events it completed (possibly none)."""
+        if not chunk:
+            return []  # must not clear a pending "\r": the "\n" after it may come next
+        # Fast path: a read holding exactly one whole "data: ..." event, which is what a server
+        # that flushes every token sends. Same result as the general path below.
+        if (
+            not self._buf
+            and not self._data
+            and chunk[:6] == b"data: "
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1:] == b"\n"
+            and b"\r" not in chunk
+        ):
+            self._pending_cr = False
+            return [chunk[6:-2]]
         if self._pending_cr:
             # A "\r" ended the previous read; a "\n" starting this one belongs to it.
             self._pending_cr = False

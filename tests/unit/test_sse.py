@@ -112,3 +112,12 @@ def test_arbitrary_bytes_never_crash(chunks: list[bytes]) -> None:
     events = decode(chunks)
     assert all(isinstance(e, bytes) for e in events)
     assert decode([b"".join(chunks)]) == events
+
+
+@given(st.lists(st.sampled_from([b"data: a\n\n", b"data: b\r", b"\n", b"data: c\n", b"\r\n", b": k\n\n"]), max_size=12))
+def test_one_event_per_read_fast_path_agrees_with_general_path(chunks: list[bytes]) -> None:
+    assert decode(chunks) == decode([b"".join(chunks)])
+
+
+def test_empty_read_between_cr_and_lf() -> None:
+    assert decode([b"data: a\r", b"", b"\ndata: b\n\n"]) == [b"a\nb"]
