@@ -14,13 +14,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
 from .errors import LedgerError, OutputLocked
 
-__all__ = ["LEDGER_NAME", "Ledger", "ResumeIndex", "lock_output_dir", "write_atomic"]
+__all__ = ["LEDGER_NAME", "Ledger", "ResumeIndex", "complete_end", "lock_output_dir", "write_atomic"]
 
 LEDGER_NAME = "results.jsonl"
 TORN_NAME = "results.torn.jsonl"
@@ -94,38 +94,47 @@ class Ledger:
         """Make the file end on a row boundary; keep a complete row that only lacks its newline."""
         with open(self.path, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
-            if size == 0:
+            end = complete_end(f, size)
+            if end == size:
+                if size:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
                 return 0
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return 0
-            # Walk back to the last newline (rows are small; read a bounded window at a time).
-            pos = size
-            window = 1 << 16
-            start = 0
-            while pos > 0:
-                lo = max(0, pos - window)
-                f.seek(lo)
-                chunk = f.read(pos - lo)
-                nl = chunk.rfind(b"\n")
-                if nl >= 0:
-                    start = lo + nl + 1
-                    break
-                pos = lo
-            f.seek(start)
+            f.seek(end)
             tail = f.read()
-            try:
-                row = orjson.loads(tail)
-            except orjson.JSONDecodeError:
-                row = None
-            if isinstance(row, dict) and "id" in row and "status" in row:
-                f.seek(0, os.SEEK_END)
-                f.write(b"\n")
-                return 0
             with open(self.out_dir / TORN_NAME, "ab") as torn:
                 torn.write(tail + b"\n")
-            f.truncate(start)
+            f.truncate(end)
             return len(tail)
+
+
+def complete_end(f: IO[bytes], size: int) -> int:
+    """Offset just past the last complete row of a ledger of ``size`` bytes.
+
+    A last line without its newline counts as complete when it parses as a row (the crash
+    came between the row and its newline); otherwise it is torn and the offset stops before it.
+    """
+    if size == 0:
+        return 0
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return size
+    pos, start, window = size, 0, 1 << 16
+    while pos > 0:  # walk back to the last newline, a bounded window at a time
+        lo = max(0, pos - window)
+        f.seek(lo)
+        nl = f.read(pos - lo).rfind(b"\n")
+        if nl >= 0:
+            start = lo + nl + 1
+            break
+        pos = lo
+    f.seek(start)
+    try:
+        row = orjson.loads(f.read(size - start))
+    except orjson.JSONDecodeError:
+        row = None
+    return size if isinstance(row, dict) and "id" in row and "status" in row else start
 
 
 def _index_rows(path: Path, index: ResumeIndex) -> None:

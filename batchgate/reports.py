@@ -37,7 +37,7 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from batchgate.errors import InputError, LedgerError
-from batchgate.ledger import LEDGER_NAME, write_atomic
+from batchgate.ledger import LEDGER_NAME, complete_end, write_atomic
 from batchgate.models import LEDGER_VERSION
 
 __all__ = [
@@ -233,7 +233,7 @@ def _read_ledger(path: Path) -> tuple[pa.Table, int]:
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            end = _complete_end(f, size)
+            end = complete_end(f, size)
             if end == 0:
                 return _SCHEMA.empty_table(), 0
             f.seek(0)
@@ -245,31 +245,6 @@ def _read_ledger(path: Path) -> tuple[pa.Table, int]:
                 return _read_checked(path, end, parse, fast_error)
     except OSError as e:
         raise LedgerError(f"{path}: cannot read the ledger: {e.strerror or e}") from e
-
-
-def _complete_end(f: IO[bytes], size: int) -> int:
-    """Byte offset just after the last complete row, leaving out a torn last line (crash mid-write)."""
-    if size == 0:
-        return 0
-    f.seek(size - 1)
-    if f.read(1) == b"\n":
-        return size
-    start = size
-    line_start = 0
-    while start > 0:
-        start = max(0, start - (64 << 10))
-        f.seek(start)
-        chunk = f.read(size - start)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            line_start = start + newline + 1
-            break
-    f.seek(line_start)
-    try:
-        whole = isinstance(orjson.loads(f.read(size - line_start)), dict)
-    except orjson.JSONDecodeError:
-        whole = False
-    return size if whole else line_start
 
 
 class _Prefix(io.RawIOBase):
