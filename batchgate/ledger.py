@@ -8,6 +8,7 @@ leave at most one torn last line, which :meth:`Ledger.open` sets aside on the ne
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -72,14 +73,17 @@ class Ledger:
         return len(self._pending)
 
     def flush(self, *, sync: bool = False) -> None:
+        """Write queued rows; raises LedgerError (rows stay queued) when the disk refuses them."""
         if self._pending and self._fd is not None:
-            data = b"".join(self._pending)
             n = len(self._pending)
+            _write_all(self._fd, b"".join(self._pending), self.path)
             self._pending.clear()
-            _write_all(self._fd, data, self.path)
             self.rows_written += n
         if self._fd is not None and (sync or time.monotonic() - self._last_fsync >= _FSYNC_EVERY_S):
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise LedgerError(f"{self.path}: cannot sync to disk ({exc.strerror})") from None
             self._last_fsync = time.monotonic()
 
     def close(self) -> None:
@@ -89,6 +93,7 @@ class Ledger:
             finally:
                 os.close(self._fd)
                 self._fd = None
+                self._pending.clear()
 
     def _repair_tail(self) -> int:
         """Make the file end on a row boundary; keep a complete row that only lacks its newline."""
@@ -161,13 +166,17 @@ def _index_rows(path: Path, index: ResumeIndex) -> None:
 
 
 def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """Append all of ``data`` or nothing: a write the disk cut short is taken back off the file."""
     view = memoryview(data)
-    while view:
+    done = 0
+    while done < len(data):
         try:
-            n = os.write(fd, view)
+            done += os.write(fd, view[done:])
         except OSError as exc:
+            if done:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, os.fstat(fd).st_size - done)
             raise LedgerError(f"{path}: cannot append ({exc.strerror})") from None
-        view = view[n:]
 
 
 def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:

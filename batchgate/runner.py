@@ -11,6 +11,7 @@ progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -23,7 +24,7 @@ import orjson
 from . import jobs
 from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
 from .config import RunConfig
-from .errors import ApiError, AuthError, InputError, InsufficientBalance, RateLimited
+from .errors import ApiError, AuthError, InputError, InsufficientBalance, LedgerError, RateLimited
 from .ledger import Ledger, lock_output_dir, write_atomic
 from .models import LEDGER_VERSION, PromptRecord, RunSummary
 from .pricing import Budget, PriceBook, RunningSum
@@ -40,6 +41,7 @@ EXIT_CODES = {
     "unreachable": 2,
     "balance": 3,
     "budget": 3,
+    "ledger": 1,
     "interrupted": 130,
     "terminated": 143,
 }
@@ -80,6 +82,7 @@ class Runner:
         self._longest_completion: dict[str, int] = {}
         self._started = time.monotonic()
         self._any_response = False
+        self._ledger_error: LedgerError | None = None
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -134,14 +137,22 @@ class Runner:
                     results = await asyncio.gather(*self._tasks, return_exceptions=True)
             finally:
                 await self._watch.close()
-                self._ledger.close()
+                try:
+                    self._ledger.close()
+                except LedgerError as exc:
+                    self._ledger_error = exc
                 self._finish()
-                write_atomic(cfg.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2))
+                with contextlib.suppress(OSError):  # run.json is a convenience; the ledger is the record
+                    write_atomic(
+                        cfg.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
+                    )
         finally:
             lock.release()
         for res in results:
             if isinstance(res, Exception):
-                raise res  # a bug or a ledger that cannot be written: never hidden
+                raise res  # a bug: never hidden
+        if self._ledger_error is not None:
+            raise self._ledger_error
         return self.summary
 
     def _pending_records(self) -> Iterator[PromptRecord]:
@@ -341,7 +352,13 @@ class Runner:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._ledger.flush()
+        try:
+            self._ledger.flush()
+        except LedgerError as exc:
+            # A full disk: rows stay queued for the next flush, and no new prompt starts, since
+            # an answer that cannot be recorded would be bought again by the next run.
+            self._ledger_error = exc
+            self.request_stop("ledger", f"{exc}; stopped starting requests. Free space, then rerun to resume.")
 
     def _finish(self) -> None:
         s = self.summary

@@ -169,3 +169,33 @@ def test_no_traceback_for_a_bad_job_file(tmp_path: Path) -> None:
     job.write_text('inputs = ["p.jsonl"]\nmax_cost = 1\n')
     res = bg("run", str(job))
     assert res.returncode == 2 and "max_cost: unknown key" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_full_disk_stops_cleanly_and_resume_finishes(tmp_path: Path, simulator: Sim) -> None:
+    """A ledger that cannot grow (RLIMIT_FSIZE stands in for a full disk) stops the run, exit 1."""
+    import resource
+
+    src = prompts(tmp_path / "p.jsonl", 300)
+    out = tmp_path / "out"
+    args = ["run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out), "--no-report"]
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of dying
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    res = subprocess.run(
+        [BATCHGATE, *args],
+        capture_output=True,
+        text=True,
+        env=env(GONKAGATE_API_KEY="gp-test", PYTHONDONTWRITEBYTECODE="1"),
+        preexec_fn=small_disk,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 1, res.stderr
+    assert "cannot append" in res.stderr and "Traceback" not in res.stderr
+    written = ledger(out)  # still readable, whole rows only
+    assert 0 < len(written) < 300
+    again = bg(*args)
+    assert again.returncode == 0, again.stderr
+    assert Counter(r["id"] for r in ledger(out) if r["status"] == "ok") == Counter(f"p{i}" for i in range(300))
