@@ -195,7 +195,7 @@ async def stream_completion(
                     done = True
     except ApiError:
         raise
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if watched.stalled and task is not None and task.uncancel() == 0:
             raise AttemptTimeout(
@@ -203,6 +203,7 @@ async def stream_completion(
                 received_tokens=len(parts),
                 content="".join(parts),
             ) from None
+        exc.received_tokens = len(parts)  # type: ignore[attr-defined]  # the runner shows it as unconfirmed
         raise
     except orjson.JSONDecodeError as exc:
         raise StreamProtocolError(

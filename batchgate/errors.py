@@ -14,6 +14,7 @@ The retry decision is the class and nothing else::
         │   ├── StreamInterrupted   reset / disconnect / payload error / error sent mid-stream
         │   ├── StreamProtocolError a chunk that is not JSON (a garbled stream is worth a retry)
         │   └── AttemptTimeout      connect or idle timeout (also a TimeoutError)
+        ├── Interrupted             cancelled by a second signal mid-stream (recorded, never raised)
         └── FatalApiError           retrying cannot help
             ├── AuthError           401 / 403
             ├── InsufficientBalance 402: the whole run stops starting requests (exit 3)
@@ -34,6 +35,7 @@ __all__ = [
     "FatalApiError",
     "InputError",
     "InsufficientBalance",
+    "Interrupted",
     "JobFileError",
     "LedgerError",
     "OutputLocked",
@@ -126,6 +128,12 @@ class StreamProtocolError(RetryableError):
 
 class AttemptTimeout(RetryableError, TimeoutError):
     kind = "timeout"
+
+
+class Interrupted(ApiError):
+    """A request abandoned by a second SIGINT/SIGTERM after tokens arrived: its spend is unconfirmed."""
+
+    kind = "interrupted"
 
 
 class FatalApiError(ApiError):

@@ -24,7 +24,7 @@ import orjson
 from . import jobs
 from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
 from .config import RunConfig
-from .errors import ApiError, AuthError, InputError, InsufficientBalance, LedgerError, RateLimited
+from .errors import ApiError, AuthError, InputError, InsufficientBalance, Interrupted, LedgerError, RateLimited
 from .ledger import Ledger, lock_output_dir, write_atomic
 from .models import LEDGER_VERSION, PromptRecord, RunSummary
 from .pricing import Budget, PriceBook, RunningSum
@@ -190,6 +190,9 @@ class Runner:
             self.in_flight += 1
             try:
                 outcome = await policy.run(attempt)
+            except asyncio.CancelledError as exc:
+                self._record_interrupted(rec, getattr(exc, "received_tokens", 0), started_at, time.monotonic() - t0)
+                raise
             finally:
                 self.in_flight -= 1
                 if self.budget is not None:
@@ -201,6 +204,15 @@ class Runner:
                 self.budget.settle(reserved, spent)
             if self._stop_reason is not None:
                 return
+
+    def _record_interrupted(self, rec: PromptRecord, tokens: int, started_at: str, latency: float) -> None:
+        """A stream abandoned after tokens arrived may have been billed: record it as unconfirmed."""
+        if not tokens:
+            return
+        err = Interrupted("abandoned mid-stream by a second signal; the prompt is retried on resume")
+        self._record(rec, Outcome(error=err, attempts=1, cut_tokens=tokens), started_at, latency)
+        with contextlib.suppress(LedgerError):
+            self._ledger.flush()
 
     def _request_body(self, rec: PromptRecord) -> dict[str, Any]:
         body = {**self.config.chat_defaults, **rec.body} if self.config.chat_defaults else dict(rec.body)

@@ -226,3 +226,28 @@ async def test_job_defaults_and_system_prompt_reach_the_request(tmp_path: Path) 
         await Runner([prompts], config(tmp_path / "bare", sim.base_url)).run()
     bare = {r["id"]: r["prompt_tokens"] for r in ledger_rows(tmp_path / "bare")}
     assert all(r["prompt_tokens"] > bare[r["id"]] for r in rows)
+
+
+async def test_cancelled_streams_leave_their_unconfirmed_spend_in_the_ledger(tmp_path: Path) -> None:
+    import asyncio
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 40)
+    out = tmp_path / "out"
+    sim_cfg = SimulatorConfig(token_delay_s=0.05, min_completion_tokens=40, max_completion_tokens=40)
+    async with running_simulator(sim_cfg) as sim:
+        runner = Runner([prompts], config(out, sim.base_url, concurrency=8, idle_timeout_s=5.0))
+        task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.6)
+        runner.request_stop("interrupted")
+        runner.cancel_in_flight()
+        summary = await task
+        await asyncio.sleep(0.2)  # let the simulator notice the dropped streams
+        cut = sim.billing.cut()
+    assert summary.exit_code == 130
+    rows = ledger_rows(out)
+    interrupted = [r for r in rows if r["error"] and r["error"]["type"] == "interrupted"]
+    assert len(interrupted) == 8 == len(cut)
+    assert all(r["status"] == "failed" and r["unconfirmed_completion_tokens"] > 0 for r in interrupted)
+    # every token the server sent before the cut is accounted as unconfirmed
+    received = sum(r["unconfirmed_completion_tokens"] for r in interrupted)
+    assert abs(received - sum(c["completion_tokens"] for c in cut)) <= len(cut)
