@@ -858,7 +858,7 @@ async def estimate(inputs: Sequence[str | Path], config: RunConfig, *, sample: i
             yield record
 
     drawn = reservoir_sample(tally(), sample, seed)
-    runner = Runner(inputs, config, only_ids=frozenset(r.id for r in drawn))
+    runner = Runner(inputs, config, records=drawn)
     summary = await runner.run()
     rows = read_sample_rows(config.out_dir / LEDGER_NAME, drawn)
     projection = project(rows, population, concurrency=config.concurrency, rpm=config.rpm, seed=seed)

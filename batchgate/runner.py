@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,12 +57,16 @@ class Runner:
     """One run over some prompt files into one output directory."""
 
     def __init__(
-        self, inputs: Sequence[str | Path], config: RunConfig, *, only_ids: Collection[str] | None = None
+        self, inputs: Sequence[str | Path], config: RunConfig, *, records: Sequence[PromptRecord] | None = None
     ) -> None:
-        """``only_ids`` restricts the run to those prompt ids (``batchgate estimate`` runs a sample)."""
+        """``records``: run exactly these, already validated, instead of every prompt in ``inputs``.
+
+        ``batchgate estimate`` runs the sample it drew that way, without two more passes over
+        the inputs while its requests are in flight.
+        """
         self.inputs = [Path(p) for p in inputs]
         self.config = config
-        self.only_ids = only_ids
+        self.records = records
         self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         self.summary = RunSummary(run_id=self.run_id, out=str(config.out_dir))
         self.total = 0  # prompts in the inputs
@@ -110,10 +114,13 @@ class Runner:
         another runner owns the output directory.
         """
         cfg = self.config
-        report = jobs.validate(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
-        if not report.ok():
-            raise InputError(report.format())
-        self.total = report.records if self.only_ids is None else len(self.only_ids)
+        if self.records is None:
+            report = jobs.validate(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+            if not report.ok():
+                raise InputError(report.format())
+            self.total = report.records
+        else:
+            self.total = len(self.records)
         lock = lock_output_dir(cfg.out_dir)
         results: list[Any] = []
         try:
@@ -157,10 +164,13 @@ class Runner:
 
     def _pending_records(self) -> Iterator[PromptRecord]:
         done = self._done_ids
-        only = self.only_ids
-        for rec in jobs.iter_records(self.inputs, default_model=self.config.default_model, jobs=self.config.jobs):
-            if only is not None and rec.id not in only:
-                continue
+        cfg = self.config
+        source: Iterable[PromptRecord] = (
+            self.records
+            if self.records is not None  # an empty sample runs nothing, not everything
+            else jobs.iter_records(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+        )
+        for rec in source:
             if rec.id in done:
                 self.summary.skipped += 1
                 continue

@@ -251,3 +251,16 @@ async def test_cancelled_streams_leave_their_unconfirmed_spend_in_the_ledger(tmp
     # every token the server sent before the cut is accounted as unconfirmed
     received = sum(r["unconfirmed_completion_tokens"] for r in interrupted)
     assert abs(received - sum(c["completion_tokens"] for c in cut)) <= len(cut)
+
+
+async def test_given_records_run_alone_and_an_empty_list_runs_nothing(tmp_path: Path) -> None:
+    from batchgate import jobs
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 20)
+    picked = [r for r in jobs.iter_records([prompts], default_model="sim-model") if r.id in {"q3", "q7"}]
+    async with running_simulator(SimulatorConfig()) as sim:
+        none = await Runner([prompts], config(tmp_path / "a", sim.base_url), records=[]).run()
+        two = await Runner([prompts], config(tmp_path / "b", sim.base_url), records=picked).run()
+        assert len(sim.billing.records) == 2
+    assert (none.requests, none.exit_code) == (0, 0)
+    assert sorted(r["id"] for r in ledger_rows(tmp_path / "b")) == ["q3", "q7"] and two.ok == 2
