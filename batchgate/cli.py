@@ -292,22 +292,17 @@ async def _maybe_simulator(enabled: bool, fault_rate: float, seed: int) -> Any:
         return
     from .simulator import SimulatorConfig, running_simulator
 
-    cfg = SimulatorConfig(seed=seed, **_fault_rates(fault_rate))
+    cfg = SimulatorConfig(
+        seed=seed,
+        reset_rate=fault_rate,
+        stall_rate=fault_rate,
+        stall_s=2.0,
+        rate_limit_rate=fault_rate,
+        server_error_rate=fault_rate,
+        midstream_error_rate=fault_rate,
+    )
     async with running_simulator(cfg) as sim:
         yield sim.base_url
-
-
-def _fault_rates(rate: float) -> dict[str, float]:
-    if not rate:
-        return {}
-    return {
-        "reset_rate": rate,
-        "stall_rate": rate,
-        "stall_s": 2.0,
-        "rate_limit_rate": rate,
-        "server_error_rate": rate,
-        "midstream_error_rate": rate,
-    }
 
 
 @contextlib.contextmanager

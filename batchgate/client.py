@@ -272,8 +272,9 @@ def _error_message(raw: bytes) -> str:
         return raw.decode("utf-8", "replace").strip()[:300]
     if isinstance(obj, dict):
         err = obj.get("error", obj)
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"][:300]
+        message = err.get("message") if isinstance(err, dict) else None
+        if isinstance(message, str):
+            return message[:300]
         if isinstance(err, str):
             return err[:300]
     return raw.decode("utf-8", "replace").strip()[:300]
