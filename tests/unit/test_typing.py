@@ -14,7 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[2] / "batchgate"
 def test_package_passes_mypy_strict(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     res = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--ignore-missing-imports", "--cache-dir", str(tmp_path), str(PACKAGE)],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--ignore-missing-imports",
+            "--cache-dir",
+            str(tmp_path),
+            str(PACKAGE),
+        ],
         capture_output=True,
         text=True,
         check=False,
