@@ -133,6 +133,13 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="With --simulate: inject each fault type at this rate.",
         ),
         click.option("--sim-seed", type=int, default=0, help="With --simulate: the simulator's seed."),
+        click.option(
+            "--sim-token-delay",
+            type=click.FloatRange(0.0, 1.0),
+            default=0.01,
+            show_default=True,
+            help="With --simulate: seconds between streamed tokens.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout."),
         click.option("--quiet", "-q", is_flag=True, help="Errors only (and --json)."),
         click.option(
@@ -239,7 +246,7 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
     inputs, config, opts = _settings(ctx, opts)
 
     async def go() -> estimating.EstimateResult:
-        async with _maybe_simulator(opts["simulate"], opts["sim_fault_rate"], opts["sim_seed"]) as sim_url:
+        async with _maybe_simulator(opts) as sim_url:
             if sim_url:
                 config.base_url = sim_url
             return await estimating.estimate(inputs, config, sample=opts["sample"], seed=opts["seed"])
@@ -272,7 +279,7 @@ def _tune_gc() -> None:
 
 async def _drive(runner: Runner, opts: dict[str, Any], log: _Log, work: Awaitable[T]) -> T:
     """Run ``work`` with the simulator (if asked), signal handling and progress output around it."""
-    async with _maybe_simulator(opts["simulate"], opts["sim_fault_rate"], opts["sim_seed"]) as sim_url:
+    async with _maybe_simulator(opts) as sim_url:
         if sim_url:
             runner.config.base_url = sim_url
         with _signals(runner):
@@ -286,14 +293,16 @@ async def _drive(runner: Runner, opts: dict[str, Any], log: _Log, work: Awaitabl
 
 
 @contextlib.asynccontextmanager
-async def _maybe_simulator(enabled: bool, fault_rate: float, seed: int) -> Any:
-    if not enabled:
+async def _maybe_simulator(opts: dict[str, Any]) -> Any:
+    if not opts["simulate"]:
         yield None
         return
     from .simulator import SimulatorConfig, running_simulator
 
+    fault_rate = opts["sim_fault_rate"]
     cfg = SimulatorConfig(
-        seed=seed,
+        seed=opts["sim_seed"],
+        token_delay_s=opts["sim_token_delay"],
         reset_rate=fault_rate,
         stall_rate=fault_rate,
         stall_s=2.0,
