@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import os
+import resource
 import signal
 import sys
 import time
@@ -217,9 +218,10 @@ def run(ctx: click.Context, **opts: Any) -> None:
     Rerunning the same command resumes: prompts already answered are skipped, failed ones retried.
     """
     inputs, config, opts = _settings(ctx, opts)
+    log = _Log(opts["quiet"], opts["log_format"])
+    _ensure_file_descriptors(config, log)
     _tune_gc()
     runner = Runner(inputs, config)
-    log = _Log(opts["quiet"], opts["log_format"])
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
     log.summary(summary, runner.stop_message)
     if not opts["no_report"]:
@@ -244,6 +246,8 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
     from . import estimate as estimating
 
     inputs, config, opts = _settings(ctx, opts)
+    log = _Log(opts["quiet"], opts["log_format"])
+    _ensure_file_descriptors(config, log)
 
     async def go() -> estimating.EstimateResult:
         async with _maybe_simulator(opts) as sim_url:
@@ -253,7 +257,6 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
 
     result = asyncio.run(go())
     files = estimating.write_estimate(result, config.out_dir)
-    log = _Log(opts["quiet"], opts["log_format"])
     if result.stop_message:
         log.error(result.stop_message)
     if not opts["quiet"]:
@@ -262,6 +265,29 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
     if opts["as_json"]:
         click.echo(orjson.dumps(result.as_dict()).decode())
     sys.exit(result.exit_code)
+
+
+def _raise_open_files(want: int) -> int:
+    """Lift the soft open-files limit (often 1024) toward ``want``, up to the hard limit; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return want
+    target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+def _ensure_file_descriptors(config: RunConfig, log: _Log) -> None:
+    """One socket per stream: without enough descriptors, --concurrency 3000 fails connects with EMFILE.
+
+    When the hard limit is too low, run at the concurrency it allows and say so rather than fail prompts.
+    """
+    allowed = _raise_open_files(config.concurrency + 64)
+    if allowed < config.concurrency + 64:
+        config.concurrency = max(1, allowed - 64)
+        log.error(f"the open-files limit ({allowed}) is too low; running with --concurrency {config.concurrency}")
 
 
 def _tune_gc() -> None:
@@ -542,6 +568,8 @@ def simulate(**opts: Any) -> None:
         )
     except ValueError as exc:
         raise InputError(f"simulator: {exc}") from None
+
+    _raise_open_files(65536)
 
     def ready(url: str) -> None:
         click.echo(f"listening on {url}")

@@ -199,3 +199,26 @@ def test_full_disk_stops_cleanly_and_resume_finishes(tmp_path: Path, simulator: 
     again = bg(*args)
     assert again.returncode == 0, again.stderr
     assert Counter(r["id"] for r in ledger(out) if r["status"] == "ok") == Counter(f"p{i}" for i in range(300))
+
+
+@pytest.mark.parametrize(("soft", "hard", "lowered"), [(256, 4096, False), (200, 200, True)])
+def test_high_concurrency_needs_no_ulimit_tweaks(
+    tmp_path: Path, simulator: Sim, soft: int, hard: int, lowered: bool
+) -> None:
+    import resource
+
+    src = prompts(tmp_path / "p.jsonl", 900)
+    res = subprocess.run(
+        [BATCHGATE, "run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
+         "-c", "600", "--no-report", "--json"],
+        capture_output=True,
+        text=True,
+        env=env(GONKAGATE_API_KEY="gp-test"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    summary = orjson.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["ok"] == 900 and summary["retries"] == 0
+    assert ("open-files limit" in res.stderr) is lowered
