@@ -469,6 +469,8 @@ class _Log:
                 f"  429s      {s.rate_limited}, slowed down {s.slowdowns}x"
                 f" (concurrency went down to {s.min_concurrency})"
             )
+        if s.outage_pauses:
+            lines.append(f"  outages   paused {s.outage_pauses}x after failures in a row (server or network down)")
         lines.append(f"  time      {s.wall_s:.1f}s, {rate:.1f} requests/s")
         click.echo("\n".join(lines))
 

@@ -81,6 +81,7 @@ class RunSummary:
     rate_limited: int = 0  # 429 answers
     slowdowns: int = 0  # times the run halved its concurrency after a 429
     min_concurrency: int = 0  # the lowest concurrency limit it went down to
+    outage_pauses: int = 0  # times failures in a row paused every start (server down, network gone)
     wall_s: float = 0.0
     exit_code: int = 0
     stop_reason: str | None = None
@@ -103,6 +104,7 @@ class RunSummary:
             "rate_limited": self.rate_limited,
             "slowdowns": self.slowdowns,
             "min_concurrency": self.min_concurrency,
+            "outage_pauses": self.outage_pauses,
             "wall_s": round(self.wall_s, 3),
             "requests_per_s": round(self.requests / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "exit_code": self.exit_code,

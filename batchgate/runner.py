@@ -24,7 +24,16 @@ import orjson
 from . import jobs
 from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
 from .config import RunConfig
-from .errors import ApiError, AuthError, InputError, InsufficientBalance, Interrupted, LedgerError, RateLimited
+from .errors import (
+    ApiError,
+    AuthError,
+    InputError,
+    InsufficientBalance,
+    Interrupted,
+    LedgerError,
+    RateLimited,
+    RetryableError,
+)
 from .ledger import Ledger, lock_output_dir, write_atomic
 from .models import LEDGER_VERSION, PromptRecord, RunSummary
 from .pricing import Budget, PriceBook, RunningSum
@@ -285,6 +294,8 @@ class Runner:
         if isinstance(exc, RateLimited):
             self.summary.rate_limited += 1
             self.throttle.on_rate_limited(exc.retry_after)
+        elif isinstance(exc, RetryableError):
+            self.throttle.on_failure()
         if not isinstance(exc, ConnectFailed):
             self._any_response = True
 
@@ -387,6 +398,7 @@ class Runner:
         s.wall_s = time.monotonic() - self._started
         s.slowdowns = self.throttle.slowdowns
         s.min_concurrency = int(self.throttle.min_limit_seen)
+        s.outage_pauses = self.throttle.outage_pauses
         s.total_cost_usd = self._confirmed.value
         # Cut attempts seen before any price was known get priced with what the run learnt since.
         still_unpriced = 0

@@ -2,10 +2,16 @@
 
 On a 429 the whole run backs off, like TCP: the concurrency limit halves (at most once per
 ``cooldown_s``, so a burst of 429s from one overloaded moment counts once) and nobody starts an
-attempt before the server's ``Retry-After`` has passed.  Each success adds ``1/limit``, so the
-limit grows back by about one per round of requests once the errors stop.  When nothing limits
-(limit at its maximum, no rpm cap, no pause) :meth:`Throttle.acquire` returns without awaiting,
-keeping the common path cheap.
+attempt before the server's ``Retry-After`` has passed.
+
+An outage (``outage_after`` failed attempts in a row, none succeeding: connection refused, 5xx,
+stalls) collapses the limit to one probe and pauses everyone for a doubling time (up to
+``max_pause_s``).  Waiting here costs a prompt no attempt, so a network blip at 3 a.m. fails at
+most the probes instead of burning the retries of every prompt in the file.
+
+Successes grow the limit back: by one per success below the threshold set at the last
+slow-down (slow start), by ``1/limit`` above it.  When nothing limits (limit at its maximum,
+no rpm cap, no pause) :meth:`Throttle.acquire` returns without awaiting.
 """
 
 from __future__ import annotations
@@ -20,12 +26,25 @@ __all__ = ["Throttle"]
 class Throttle:
     """Gate for starting attempts; call :meth:`acquire` before and :meth:`release` after each."""
 
-    def __init__(self, max_concurrency: int, rpm: float | None = None, cooldown_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        max_concurrency: int,
+        rpm: float | None = None,
+        cooldown_s: float = 1.0,
+        outage_after: int = 5,
+        max_pause_s: float = 60.0,
+    ) -> None:
         self.max_concurrency = max_concurrency
         self.limit = float(max_concurrency)
         self.min_limit_seen = float(max_concurrency)
         self.in_flight = 0
         self.slowdowns = 0
+        self.outage_pauses = 0
+        self._threshold = float(max_concurrency)
+        self._failures_in_a_row = 0
+        self._outage_after = outage_after
+        self._pause_s = 0.0
+        self._max_pause_s = max_pause_s
         self._interval = 60.0 / rpm if rpm else 0.0
         self._next_start = 0.0
         self._paused_until = 0.0
@@ -74,9 +93,25 @@ class Throttle:
                 break
 
     def on_success(self) -> None:
+        self._failures_in_a_row = 0
+        self._pause_s = 0.0
         if self.limit < self.max_concurrency:
-            self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
+            step = 1.0 if self.limit < self._threshold else 1.0 / self.limit
+            self.limit = min(float(self.max_concurrency), self.limit + step)
             self._wake(int(self.limit) - self.in_flight)
+
+    def on_failure(self) -> None:
+        """A failed attempt that was not a 429; enough of them in a row mean an outage."""
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row < self._outage_after:
+            return
+        self._failures_in_a_row = 0
+        self._pause_s = min(self._max_pause_s, self._pause_s * 2 or 0.5)
+        self._paused_until = max(self._paused_until, time.monotonic() + self._pause_s)
+        self._threshold = max(1.0, max(self.limit, self._threshold) / 2)
+        self.limit = 1.0
+        self.min_limit_seen = 1.0
+        self.outage_pauses += 1
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         now = time.monotonic()
@@ -85,6 +120,7 @@ class Throttle:
         if now - self._last_slowdown >= self._cooldown_s:
             self._last_slowdown = now
             self.limit = max(1.0, self.limit / 2)
+            self._threshold = self.limit
             self.min_limit_seen = min(self.min_limit_seen, self.limit)
             self.slowdowns += 1
 

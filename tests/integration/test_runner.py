@@ -264,3 +264,29 @@ async def test_given_records_run_alone_and_an_empty_list_runs_nothing(tmp_path: 
         assert len(sim.billing.records) == 2
     assert (none.requests, none.exit_code) == (0, 0)
     assert sorted(r["id"] for r in ledger_rows(tmp_path / "b")) == ["q3", "q7"] and two.ok == 2
+
+
+async def test_an_outage_pauses_the_run_instead_of_burning_every_prompt(tmp_path: Path) -> None:
+    import asyncio
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 300)
+    sim_cfg = SimulatorConfig(token_delay_s=0.005, min_completion_tokens=10, max_completion_tokens=10)
+    async with running_simulator(sim_cfg) as sim:
+        port = sim.port
+        cfg = config(tmp_path / "out", sim.base_url, concurrency=16, max_attempts=6, backoff_base_s=0.01)
+        runner = Runner([prompts], cfg)
+        task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.5)
+    # the server is gone for ~3 s: connections refused
+    await asyncio.sleep(3.0)
+    async with running_simulator(sim_cfg, port=port):
+        summary = await asyncio.wait_for(task, 60)
+    rows = ledger_rows(tmp_path / "out")
+    causes = Counter(c for r in rows for c in r["retry_causes"])
+    assert summary.outage_pauses >= 1
+    assert summary.failed <= 2, summary.failures_by_cause  # at most the probes ran out of attempts
+    assert Counter(r["id"] for r in rows if r["status"] == "ok") == Counter(
+        f"q{i}" for i in range(300) if f"q{i}" not in {r["id"] for r in rows if r["status"] == "failed"}
+    )
+    # while paused, only a probe at a time tried: far fewer failed attempts than prompts x attempts
+    assert causes["connect_failed"] < 60, causes
