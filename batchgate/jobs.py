@@ -297,6 +297,7 @@ def _parse_chat(obj: dict[str, Any], default_model: str | None) -> _Parsed:
     derived = "id" not in obj
     rid = _derive_id(obj) if derived else _check_id(obj.pop("id"), "id")
     obj.pop("job", None)
+    obj.pop("meta", None)  # the user's own bookkeeping (category, source, ...): never sent
     prompt = obj.pop("prompt", _MISSING)
     system = obj.pop("system", _MISSING)
     if prompt is not _MISSING:

@@ -593,3 +593,10 @@ VALID_LINE = st.sampled_from(["a", "b", "c"]).flatmap(valid_line).map(lambda cas
 @given(st.lists(JSON | NEAR_MISS | VALID_LINE, max_size=8))
 def test_arbitrary_json_values_never_crash_validation(values: list[Any]) -> None:
     _check_accounting([orjson.dumps(v) for v in values])
+
+
+def test_meta_is_the_users_own_and_never_sent(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "prompt": "hi", "meta": {"category": "geo", "source": 7}}\n')
+    (record,) = list(iter_records([path], default_model="m"))
+    assert "meta" not in record.body and record.body["messages"] == [{"role": "user", "content": "hi"}]
