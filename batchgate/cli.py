@@ -248,14 +248,10 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
     inputs, config, opts = _settings(ctx, opts)
     log = _Log(opts["quiet"], opts["log_format"])
     _ensure_file_descriptors(config, log)
-
-    async def go() -> estimating.EstimateResult:
-        async with _maybe_simulator(opts) as sim_url:
-            if sim_url:
-                config.base_url = sim_url
-            return await estimating.estimate(inputs, config, sample=opts["sample"], seed=opts["seed"])
-
-    result = asyncio.run(go())
+    plan = estimating.draw_sample(inputs, config, sample=opts["sample"], seed=opts["seed"])
+    runner = Runner(inputs, config, records=plan.drawn)
+    summary = asyncio.run(_drive(runner, opts, log, runner.run()))
+    result = estimating.project_sample(plan, config, runner, summary)
     files = estimating.write_estimate(result, config.out_dir)
     if result.stop_message:
         log.error(result.stop_message)

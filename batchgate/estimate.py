@@ -833,12 +833,20 @@ def write_estimate(result: EstimateResult, out_dir: Path) -> list[Path]:
     return [json_path, csv_path]
 
 
-async def estimate(inputs: Sequence[str | Path], config: RunConfig, *, sample: int, seed: int = 0) -> EstimateResult:
-    """Validate, draw ``sample`` prompts in one pass, run them for real into ``config.out_dir``, project.
+@dataclass
+class SamplePlan:
+    """The drawn sample and what the single pass learnt about the whole input."""
 
-    Sampled prompts already answered in that ledger are not bought again; ``config.max_cost_usd``
-    caps the sample run's spend.  Raises InputError for a sample below 1, invalid or empty inputs;
-    OutputLocked when another run holds ``config.out_dir``.
+    drawn: list[PromptRecord]
+    population: Population
+    sample: int
+    seed: int
+
+
+def draw_sample(inputs: Sequence[str | Path], config: RunConfig, *, sample: int, seed: int = 0) -> SamplePlan:
+    """Validate the inputs and draw ``sample`` prompts in one pass, tallying the population as it goes.
+
+    Raises InputError for a sample below 1, or invalid or empty inputs.
     """
     if sample < 1:
         raise InputError(
@@ -857,24 +865,39 @@ async def estimate(inputs: Sequence[str | Path], config: RunConfig, *, sample: i
             population.add_record(record)
             yield record
 
-    drawn = reservoir_sample(tally(), sample, seed)
-    runner = Runner(inputs, config, records=drawn)
-    summary = await runner.run()
-    rows = read_sample_rows(config.out_dir / LEDGER_NAME, drawn)
-    projection = project(rows, population, concurrency=config.concurrency, rpm=config.rpm, seed=seed)
+    return SamplePlan(reservoir_sample(tally(), sample, seed), population, sample, seed)
+
+
+def project_sample(plan: SamplePlan, config: RunConfig, runner: Runner, summary: RunSummary) -> EstimateResult:
+    """Read the sampled prompts' rows back from the ledger (earlier runs' too) and project."""
+    rows = read_sample_rows(config.out_dir / LEDGER_NAME, plan.drawn)
+    projection = project(rows, plan.population, concurrency=config.concurrency, rpm=config.rpm, seed=plan.seed)
     return EstimateResult(
         projection=projection,
         summary=summary,
-        prompts=population.prompts,
-        prompt_chars=population.prompt_chars,
-        sample_requested=sample,
-        sample_drawn=len(drawn),
-        seed=seed,
+        prompts=plan.population.prompts,
+        prompt_chars=plan.population.prompt_chars,
+        sample_requested=plan.sample,
+        sample_drawn=len(plan.drawn),
+        seed=plan.seed,
         concurrency=config.concurrency,
         budget_usd=config.max_cost_usd,
         rows=rows,
         stop_message=runner.stop_message,
     )
+
+
+async def estimate(inputs: Sequence[str | Path], config: RunConfig, *, sample: int, seed: int = 0) -> EstimateResult:
+    """Validate, draw ``sample`` prompts in one pass, run them for real into ``config.out_dir``, project.
+
+    Sampled prompts already answered in that ledger are not bought again; ``config.max_cost_usd``
+    caps the sample run's spend.  Raises InputError for a sample below 1, invalid or empty inputs;
+    OutputLocked when another run holds ``config.out_dir``.
+    """
+    plan = draw_sample(inputs, config, sample=sample, seed=seed)
+    runner = Runner(inputs, config, records=plan.drawn)
+    summary = await runner.run()
+    return project_sample(plan, config, runner, summary)
 
 
 def read_sample_rows(ledger: Path, records: Collection[PromptRecord]) -> list[SampleRow]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import orjson
-from clitools import Sim, bg
+import pytest
+from clitools import BATCHGATE, Sim, bg, env
 
 
 def varied_prompts(path: Path, n: int) -> Path:
@@ -46,3 +50,30 @@ def test_sample_of_zero_is_refused(tmp_path: Path) -> None:
     src = varied_prompts(tmp_path / "p.jsonl", 10)
     res = bg("estimate", str(src), "--model", "m", "--sample", "0", "--simulate")
     assert res.returncode == 2 and "--sample 0" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("simulator", [["--token-delay", "0.02"]], indirect=True)
+def test_sigint_stops_the_sample_run_like_a_run(tmp_path: Path, simulator: Sim) -> None:
+    src = varied_prompts(tmp_path / "p.jsonl", 400)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [BATCHGATE, "estimate", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out),
+         "--sample", "200", "-c", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(GONKAGATE_API_KEY="gp-test"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_bytes().count(b"\n"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume" in err
