@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -179,11 +180,22 @@ class Runner:
             if self.records is not None  # an empty sample runs nothing, not everything
             else jobs.iter_records(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
         )
-        for rec in source:
-            if rec.id in done:
-                self.summary.skipped += 1
-                continue
-            yield rec
+        if not len(done):
+            yield from source
+            return
+        # Resume: look ids up a batch at a time (one vectorised search) rather than one by one.
+        batch: list[PromptRecord] = []
+        for rec in itertools.chain(source, [None]):
+            if rec is not None:
+                batch.append(rec)
+                if len(batch) < 512:
+                    continue
+            if not batch:
+                break
+            finished = done.contains([r.id for r in batch])
+            self.summary.skipped += int(finished.sum())
+            yield from (r for r, skip in zip(batch, finished.tolist(), strict=True) if not skip)
+            batch = []
 
     async def _worker(self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str) -> None:
         throttle = self.throttle
