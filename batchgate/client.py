@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import importlib.metadata
 import time
 from typing import Any
 from urllib.parse import quote
@@ -33,8 +34,17 @@ from .sse import SSEDecoder
 
 __all__ = ["Completion", "ConnectFailed", "StallWatch", "make_session", "stream_completion"]
 
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("batchgate")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
 _loads = orjson.loads
 _monotonic = time.monotonic
+_USER_AGENT = f"batchgate/{_version()}"
 _CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 
 
@@ -78,9 +88,15 @@ def make_session(
         "Authorization": f"Bearer {api_key}",
         "Content-Type": "application/json",
         "Accept": "text/event-stream",
+        "User-Agent": _USER_AGENT,
     }
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, headers=headers, raise_for_status=False, auto_decompress=True
+        connector=connector,
+        timeout=timeout,
+        headers=headers,
+        raise_for_status=False,
+        auto_decompress=True,
+        trust_env=True,  # HTTPS_PROXY / NO_PROXY, as curl and requests honour them
     )
 
 

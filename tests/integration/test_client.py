@@ -185,3 +185,16 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("soon") is None
     http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
     assert 55 < (parse_retry_after(http_date) or 0) <= 61
+
+
+async def test_request_carries_key_user_agent_and_stream_accept(aiohttp_server: Any) -> None:
+    seen: dict[str, str] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.update(request.headers)
+        return await streaming(sse(CHUNK, USAGE, b"[DONE]"))(request)
+
+    await attempt(await serve(aiohttp_server, handler))
+    assert seen["Authorization"] == "Bearer gp-test"
+    assert seen["User-Agent"].startswith("batchgate/")
+    assert seen["Accept"] == "text/event-stream"
