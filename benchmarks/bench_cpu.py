@@ -58,6 +58,19 @@ def repo_env() -> dict[str, str]:
 # -- shared with the other benchmarks ------------------------------------------------------------
 
 
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float, Any]:
+    """Run ``cmd``; its exit code, stdout, stderr, wall seconds and kernel rusage (``wait4``)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), wall, usage
+
+
 @contextlib.contextmanager
 def simulator_process(tokens: int, seed: int = 1, token_delay_s: float = 0.0) -> Iterator[str]:
     """Run the simulator in its own process with answers of exactly ``tokens`` tokens; yield its base URL."""

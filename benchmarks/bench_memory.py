@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_cpu import repo_env, simulator_process, write_prompts
+from bench_cpu import repo_env, run_measured, simulator_process, write_prompts
 
 
 def run_batchgate(url: str, prompts: Path, out_dir: Path, concurrency: int) -> dict[str, Any]:
@@ -29,18 +27,10 @@ def run_batchgate(url: str, prompts: Path, out_dir: Path, concurrency: int) -> d
     env = repo_env() | {"GONKAGATE_API_KEY": "gp-bench"}
     cmd = [sys.executable, "-m", "batchgate", "run", str(prompts), "--out", str(out_dir), "--base-url", url]
     cmd += ["-c", str(concurrency), "--quiet", "--no-report", "--json"]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+    returncode, stdout, stderr, wall, usage = run_measured(cmd, env)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"batchgate run exited {proc.returncode}:\n{stderr[-3000:]}")
+    if returncode != 0 or not lines:
+        raise RuntimeError(f"batchgate run exited {returncode}:\n{stderr[-3000:]}")
     return {
         "summary": json.loads(lines[-1]),
         "wall_s": wall,

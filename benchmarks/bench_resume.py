@@ -35,17 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench_cpu import repo_env, run_measured  # noqa: E402  (a sibling script, importable from here)
+
 MODEL = "Qwen/Qwen3-32B-FP8"
 _HERE = Path(__file__).resolve()
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _WORDS = ("the", "of", "and", "model", "token", "stream", "answer", "batch", "prompt", "cost", "price", "café", "東京")
-
-
-def repo_env() -> dict[str, str]:
-    """The environment for child processes: this repo first on the import path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _rss_kb() -> int:
@@ -209,19 +204,11 @@ def _resumed_run(prompts: Path, out_dir: Path) -> dict[str, Any]:
         env = repo_env() | {"GONKAGATE_API_KEY": "gp-bench"}
         cmd = [sys.executable, "-m", "batchgate", "run", str(prompts), "--out", str(out_dir)]
         cmd += ["--base-url", f"http://127.0.0.1:{port}/v1", "--quiet", "--no-report", "--json", "-c", "64"]
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - t0
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
+        returncode, stdout, stderr, wall, usage = run_measured(cmd, env)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else {}
     return {
-        "exit": proc.returncode,
+        "exit": returncode,
         "wall_s": wall,
         "peak_kb": usage.ru_maxrss,
         "cpu_s": usage.ru_utime + usage.ru_stime,
