@@ -6,8 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -35,13 +37,29 @@ class Sim:
     def __init__(self, proc: subprocess.Popen[str], url: str, billing_log: Path) -> None:
         self.proc, self.url, self.billing_log = proc, url, billing_log
 
-    def billing(self) -> list[dict[str, object]]:
+    def billing(self) -> list[dict[str, Any]]:
         return [orjson.loads(x) for x in self.billing_log.read_bytes().splitlines()]
+
+    def settle(self, quiet_s: float = 0.2, limit_s: float = 10.0) -> int:
+        """Wait until the billing log stops growing (streams of a killed client billed); return its records."""
+        deadline = time.monotonic() + limit_s
+        size, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.billing_log.stat().st_size if self.billing_log.exists() else 0
+            if now != size:
+                size, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the simulator's billing log kept growing with no client running")
+        return len(self.billing())
 
 
 def simulator_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sim]:
     args = getattr(request, "param", [])
     log = tmp_path / "billing.jsonl"
+    log.touch()
     proc = subprocess.Popen(
         [BATCHGATE, "simulate", "--port", "0", "--billing-log", str(log), *args],
         stdout=subprocess.PIPE,
@@ -49,13 +67,17 @@ def simulator_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
         env=env(),
     )
     assert proc.stdout is not None
-    first = proc.stdout.readline().strip()
-    assert first.startswith("listening on http://127.0.0.1:"), first
     try:
+        first = proc.stdout.readline().strip()
+        assert first.startswith("listening on http://127.0.0.1:"), first
         yield Sim(proc, first.removeprefix("listening on "), log)
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
         proc.stdout.close()
 
 

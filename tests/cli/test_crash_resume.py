@@ -9,15 +9,11 @@ is bought twice only when the kill caught it in flight (billed, but its row not 
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +21,7 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-
-# The command installed beside the interpreter running the tests (a venv need not be on PATH).
-_beside = Path(sys.executable).with_name("batchgate")
-BATCHGATE = str(_beside) if _beside.exists() else (shutil.which("batchgate") or "batchgate")
+from clitools import BATCHGATE, Sim, env
 
 CONCURRENCY = 24
 PROMPTS = 1500
@@ -39,61 +32,6 @@ FAULTS = [
     "--reset-rate", "0.02", "--midstream-error-rate", "0.02",
     "--rate-limit-rate", "0.02", "--retry-after", "0.01", "--server-error-rate", "0.02",
 ]  # fmt: skip
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("GONKAGATE_", "BATCHGATE_"))}
-    e.update(extra)
-    return e
-
-
-class Sim:
-    def __init__(self, proc: subprocess.Popen[str], url: str, billing_log: Path) -> None:
-        self.proc, self.url, self.billing_log = proc, url, billing_log
-
-    def billing(self) -> list[dict[str, Any]]:
-        return [orjson.loads(x) for x in self.billing_log.read_bytes().splitlines()]
-
-    def settle(self, quiet_s: float = 0.2, limit_s: float = 10.0) -> int:
-        """Wait until the billing log stops growing (streams of a killed client billed); return its records."""
-        deadline = time.monotonic() + limit_s
-        size, since = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            now = self.billing_log.stat().st_size if self.billing_log.exists() else 0
-            if now != size:
-                size, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet_s:
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("the simulator's billing log kept growing with no client running")
-        return len(self.billing())
-
-
-@pytest.fixture
-def simulator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sim]:
-    args = getattr(request, "param", [])
-    log = tmp_path / "billing.jsonl"
-    log.touch()
-    proc = subprocess.Popen(
-        [BATCHGATE, "simulate", "--port", "0", "--billing-log", str(log), *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
-    assert proc.stdout is not None
-    try:
-        first = proc.stdout.readline().strip()
-        assert first.startswith("listening on http://127.0.0.1:"), first
-        yield Sim(proc, first.removeprefix("listening on "), log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
 
 
 def prompt_ids(n: int) -> list[str]:
