@@ -51,3 +51,8 @@ def test_exported_names_are_sorted_and_exist() -> None:
     assert batchgate.__all__ == sorted(batchgate.__all__, key=lambda n: (not n.isupper(), n))
     for name in batchgate.__all__:
         assert hasattr(batchgate, name), name
+
+
+def test_report_numbers_do_not_import_the_plotting_library() -> None:
+    assert "matplotlib" not in imports("reports")
+    assert "matplotlib" in imports("report_page")

@@ -552,7 +552,7 @@ def test_a_failed_rewrite_leaves_the_old_report_intact(tmp_path: Path, monkeypat
     def crash(*args: object) -> str:
         raise RuntimeError("renderer crashed")
 
-    monkeypatch.setattr(reports, "_render_html", crash)
+    monkeypatch.setattr(reports, "_page", crash)
     with pytest.raises(RuntimeError):
         build_reports([run], formats=("html",))
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl"}
