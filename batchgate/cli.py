@@ -24,6 +24,7 @@ import click
 import orjson
 from click.core import ParameterSource
 
+from . import jobs
 from .config import BASE_URL_ENV, DEFAULT_BASE_URL, KEY_ENV, RunConfig, load_api_key
 from .errors import BatchgateError, InputError, OutputLocked
 from .jobfile import load_job
@@ -229,6 +230,23 @@ def run(ctx: click.Context, **opts: Any) -> None:
     if opts["as_json"]:
         click.echo(orjson.dumps(summary.as_dict()).decode())
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "default_model", help="Model for lines that name none.")
+@_guard
+def validate(inputs: tuple[Path, ...], default_model: str | None) -> None:
+    """Check prompt files (or a job file's) without sending anything, as `run` does first."""
+    paths = list(inputs)
+    if len(paths) == 1 and paths[0].suffix == ".toml":
+        spec = load_job(paths[0])
+        paths = spec.inputs
+        default_model = default_model or spec.settings.get("default_model")
+    report = jobs.validate(paths, default_model=default_model)
+    if not report.ok():
+        raise InputError(report.format())
+    click.echo(f"{report.records:,} prompts, {report.prompt_chars:,} prompt characters: ready to run")
 
 
 @main.command("estimate")

@@ -116,3 +116,12 @@ def test_demo_on_the_builtin_simulator(tmp_path: Path) -> None:
 def test_module_entry_point_shows_help() -> None:
     res = subprocess.run([sys.executable, "-m", "batchgate", "--help"], capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "run" in res.stdout and "simulate" in res.stdout
+
+
+def test_validate_checks_without_sending(tmp_path: Path) -> None:
+    good = bg("validate", str(REPO / "jobs" / "nightly.toml"), key=None)
+    assert good.returncode == 0 and "100 prompts" in good.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": 3}\n')
+    res = bg("validate", str(bad), "--model", "m", key=None)
+    assert res.returncode == 2 and f"{bad}:2:" in res.stderr
