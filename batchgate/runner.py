@@ -141,6 +141,7 @@ class Runner:
                 cfg.api_key,
                 concurrency=cfg.concurrency,
                 connect_timeout_s=cfg.connect_timeout_s,
+                base_url=cfg.base_url,
             )
             self._watch = StallWatch(cfg.idle_timeout_s)
             policy = RetryPolicy(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, self._on_failed_attempt)

@@ -198,3 +198,15 @@ async def test_request_carries_key_user_agent_and_stream_accept(aiohttp_server: 
     assert seen["Authorization"] == "Bearer gp-test"
     assert seen["User-Agent"].startswith("batchgate/")
     assert seen["Accept"] == "text/event-stream"
+
+
+async def test_usage_event_without_final_blank_line_still_completes(aiohttp_server: Any) -> None:
+    body = sse(CHUNK) + b"data: " + USAGE + b"\n"  # EOF right after the usage line
+    comp = await attempt(await serve(aiohttp_server, streaming(body)))
+    assert comp.usage is not None and comp.usage["total_cost_usd"] == 0.0011
+
+
+@pytest.mark.parametrize("odd", [b"1", b'"hello"', b"[1, 2]", b'{"choices": "nope"}', b'{"choices": [{"delta": 5}]}'])
+async def test_json_that_is_not_a_chunk_is_a_protocol_error(aiohttp_server: Any, odd: bytes) -> None:
+    with pytest.raises(StreamProtocolError):
+        await attempt(await serve(aiohttp_server, streaming(sse(CHUNK, odd, USAGE))))
