@@ -512,7 +512,7 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
         return
     if not quiet:
         click.echo(result.table)
-        click.echo(f"reports: {', '.join(str(f) for f in result.files)}")
+        click.echo(f"reports in {out_dir}/: {', '.join(f.name for f in result.files)}")
 
 
 @main.command()
