@@ -104,7 +104,6 @@ class Ledger:
         self._fd: int | None = None
         self._pending: list[bytes] = []
         self._last_fsync = time.monotonic()
-        self.rows_written = 0
 
     def open(self) -> ResumeIndex:
         """Repair a torn tail, index the existing rows, and open for appending."""
@@ -130,10 +129,8 @@ class Ledger:
     def flush(self, *, sync: bool = False) -> None:
         """Write queued rows; raises LedgerError (rows stay queued) when the disk refuses them."""
         if self._pending and self._fd is not None:
-            n = len(self._pending)
             _write_all(self._fd, b"".join(self._pending), self.path)
             self._pending.clear()
-            self.rows_written += n
         if self._fd is not None and (sync or time.monotonic() - self._last_fsync >= _FSYNC_EVERY_S):
             try:
                 os.fsync(self._fd)

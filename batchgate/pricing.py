@@ -11,12 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Budget", "ModelPrice", "PriceBook", "RunningSum", "exact_sum"]
-
-
-def exact_sum(values: list[float]) -> float:
-    """Sum money without float drift (a million rows must add up to 1e-9)."""
-    return math.fsum(values)
+__all__ = ["Budget", "ModelPrice", "PriceBook", "RunningSum"]
 
 
 class RunningSum:

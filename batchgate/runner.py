@@ -185,18 +185,11 @@ class Runner:
             yield from source
             return
         # Resume: look ids up a batch at a time (one vectorised search) rather than one by one.
-        batch: list[PromptRecord] = []
-        for rec in itertools.chain(source, [None]):
-            if rec is not None:
-                batch.append(rec)
-                if len(batch) < 512:
-                    continue
-            if not batch:
-                break
-            finished = done.contains([r.id for r in batch])
-            self.summary.skipped += int(finished.sum())
-            yield from (r for r, skip in zip(batch, finished.tolist(), strict=True) if not skip)
-            batch = []
+        records = iter(source)
+        for batch in iter(lambda: list(itertools.islice(records, 512)), []):
+            finished = done.contains([r.id for r in batch]).tolist()
+            self.summary.skipped += sum(finished)
+            yield from (r for r, skip in zip(batch, finished, strict=True) if not skip)
 
     async def _worker(self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str) -> None:
         throttle = self.throttle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 
-from batchgate.pricing import PriceBook, exact_sum
+from batchgate.pricing import PriceBook
 
 
 def bill(p: int, c: int, pin: float = 0.3e-6, pout: float = 1.2e-6, fee: float = 0.1) -> float:
@@ -51,12 +51,6 @@ def test_models_are_priced_apart_and_cache_refreshes() -> None:
     book.learn("a", 10, 10, 0.004, prompt_chars=40)
     assert book.estimate("a", 40, 10) != first
     assert book.price("b") is None
-
-
-def test_exact_sum_over_many_tiny_floats() -> None:
-    values = [0.1e-6] * 1_000_000
-    assert abs(exact_sum(values) - 0.1) < 1e-12
-    assert abs(sum(values) - 0.1) > abs(exact_sum(values) - 0.1)
 
 
 def test_running_sum_is_exact_and_small() -> None:
