@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "load_api_key"]
+__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "load_api_key", "public_settings"]
 
 DEFAULT_BASE_URL = "https://api.gonkagate.com/v1"
 KEY_ENV = "GONKAGATE_API_KEY"
@@ -36,6 +36,10 @@ class RunConfig:
     jobs: list[str] | None = None  # job name per input (default: each file's stem)
     chat_defaults: dict[str, Any] = field(default_factory=dict)  # merged under every line's own parameters
     system_prompt: str | None = None  # prepended to messages that have no system message
+    samples: int = 1  # independent answers per prompt, each its own row keyed by (id, sample)
+    shard: tuple[int, int] | None = None  # (k, n): run only the ids whose hash falls in shard k of n (1-based k)
+    default_max_tokens: int = 4096  # what the API assumes when a request names none (GonkaGate's default)
+    check_models: bool = True  # GET /models before the first paid request; unknown models stop the run
 
 
 def load_api_key(key_file: str | Path | None = None) -> str:
@@ -57,3 +61,14 @@ def load_api_key(key_file: str | Path | None = None) -> str:
             f"no API key: set {KEY_ENV} or pass --api-key-file PATH (or use --simulate to try without one)"
         )
     return key
+
+
+def public_settings(config: RunConfig) -> dict[str, Any]:
+    """The effective settings of a run, for its run file and start log line: everything but the key."""
+    out: dict[str, Any] = {}
+    for name in config.__dataclass_fields__:
+        if name == "api_key":
+            continue
+        value = getattr(config, name)
+        out[name] = str(value) if isinstance(value, Path) else value
+    return out
