@@ -107,7 +107,30 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True),
         click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True),
-        click.option("--max-cost", type=click.FloatRange(0, min_open=True), help="Stop before spending more USD."),
+        click.option(
+            "--max-cost-usd",
+            "--max-cost",
+            "max_cost",
+            type=click.FloatRange(0, min_open=True),
+            help="Never spend more USD in this invocation (job file: max_cost_usd).",
+        ),
+        click.option(
+            "--samples",
+            type=click.IntRange(1, 1000),
+            default=1,
+            show_default=True,
+            help="Independent answers per prompt, each its own ledger row (id, sample).",
+        ),
+        click.option(
+            "--shard",
+            metavar="K/N",
+            help="Run only shard K of N (by id hash; 1-based); output goes to OUT/shard-K-of-N.",
+        ),
+        click.option(
+            "--shards",
+            type=click.IntRange(1, 10000),
+            help="N shards, K from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) + 1.",
+        ),
         click.option("--rpm", type=click.FloatRange(0, min_open=True), help="Cap on requests started per minute."),
         click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True),
         click.option(
@@ -183,6 +206,9 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
             opts["out_dir"] = spec.out
         inputs, job_name, chat = spec.inputs, spec.name, spec.chat
     out_dir: Path = opts["out_dir"] or Path("reports") / (job_name or inputs[0].stem)
+    shard = _shard(opts.get("shard"), opts.get("shards"))
+    if shard is not None:
+        out_dir = out_dir / f"shard-{shard[0]}-of-{shard[1]}"
     if opts.get("fresh") and (out_dir / LEDGER_NAME).exists():
         out_dir = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
     api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"])
@@ -202,8 +228,29 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         jobs=[job_name] * len(inputs) if job_name else None,
         chat_defaults=chat,
         system_prompt=system,
+        samples=opts.get("samples") or 1,
+        shard=shard,
     )
     return inputs, config, opts
+
+
+def _shard(spec: str | None, shards: int | None) -> tuple[int, int] | None:
+    """``--shard K/N``, or ``--shards N`` with K from $JOB_COMPLETION_INDEX (0-based there)."""
+    if spec is not None and shards is not None:
+        raise InputError("give --shard K/N or --shards N, not both")
+    if shards is not None:
+        index = os.environ.get("JOB_COMPLETION_INDEX")
+        if index is None or not index.isdigit():
+            raise InputError(
+                "--shards N takes its shard from $JOB_COMPLETION_INDEX, which is not set (use --shard K/N)"
+            )
+        spec = f"{int(index) + 1}/{shards}"
+    if spec is None:
+        return None
+    k_text, _, n_text = spec.partition("/")
+    if not (k_text.isdigit() and n_text.isdigit()) or not 1 <= int(k_text) <= int(n_text):
+        raise InputError(f"--shard {spec}: expected K/N with 1 <= K <= N, e.g. --shard 2/3")
+    return int(k_text), int(n_text)
 
 
 @main.command()
@@ -224,6 +271,8 @@ def run(ctx: click.Context, **opts: Any) -> None:
     _tune_gc()
     runner = Runner(inputs, config)
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
+    for notice in runner.notices:
+        log.error(notice)
     log.summary(summary, runner.stop_message)
     if not opts["no_report"]:
         _write_reports(config.out_dir, opts["quiet"])
@@ -475,6 +524,19 @@ class _Log:
             if s.unconfirmed_unpriced_tokens:
                 extra += f"; {s.unconfirmed_unpriced_tokens} tokens not priced"
             lines.append(extra + ")")
+        if s.possibly_billed_attempts:
+            unpriced = f", {s.possibly_billed_unpriced} not priced" if s.possibly_billed_unpriced else ""
+            lines.append(
+                f"  possibly billed  up to ${s.possibly_billed_usd:.6f} for {s.possibly_billed_attempts} attempt(s)"
+                f" in flight when a run of this directory died{unpriced}"
+            )
+        if s.stale:
+            lines.append(
+                f"  changed   {s.stale} answered prompt(s) changed since (prompt, model or defaults): asked again"
+            )
+        if s.warnings:
+            odd = ", ".join(f"{k} {v}" for k, v in sorted(s.warnings.items()))
+            lines.append(f"  warnings  {odd} (answers kept; see the ledger's warnings column)")
         if s.failures_by_cause:
             causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
             lines.append(f"  failures  {causes}")
