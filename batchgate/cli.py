@@ -211,7 +211,10 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         out_dir = out_dir / f"shard-{shard[0]}-of-{shard[1]}"
     if opts.get("fresh") and (out_dir / LEDGER_NAME).exists():
         out_dir = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"])
+    key_warnings: list[str] = []
+    api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"], warn=key_warnings)
+    for warning in key_warnings:
+        click.echo(f"batchgate: warning: {warning}", err=True)
     config = RunConfig(
         out_dir=out_dir,
         api_key=api_key,

@@ -42,20 +42,29 @@ class RunConfig:
     check_models: bool = True  # GET /models before the first paid request; unknown models stop the run
 
 
-def load_api_key(key_file: str | Path | None = None) -> str:
+def load_api_key(key_file: str | Path | None = None, *, warn: list[str] | None = None) -> str:
     """The key from ``--api-key-file`` or ``$GONKAGATE_API_KEY``; never from argv.
 
-    Raises InputError (never echoing the key) when neither gives one.
+    A key file may end in whitespace or start with a BOM (editors add both); a file with more
+    than one non-empty line is refused (it is not a key file).  ``warn`` collects a warning when
+    the file is readable by other users.  Raises InputError, never echoing the key.
     """
     if key_file is not None:
+        path = Path(key_file)
         try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
+            text = path.read_bytes().decode("utf-8-sig", "replace")
+            mode = path.stat().st_mode
         except OSError as exc:
             raise InputError(f"{key_file}: cannot read API key file ({exc.strerror or exc})") from None
-        if not key:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
             raise InputError(f"{key_file}: API key file is empty")
-        return key
-    key = os.environ.get(KEY_ENV, "").strip()
+        if len(lines) > 1:
+            raise InputError(f"{key_file}: API key file has {len(lines)} non-empty lines; it must hold only the key")
+        if warn is not None and mode & 0o044:
+            warn.append(f"{key_file} is readable by other users; chmod 600 it")
+        return lines[0]
+    key = os.environ.get(KEY_ENV, "").strip().lstrip("\ufeff")
     if not key:
         raise InputError(
             f"no API key: set {KEY_ENV} or pass --api-key-file PATH (or use --simulate to try without one)"
