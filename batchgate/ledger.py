@@ -47,6 +47,7 @@ SPILL_NAME = "results.spill.jsonl"
 LOCK_NAME = ".batchgate.lock"
 INTENTS_DIR = "intents"
 POSSIBLY_BILLED_NAME = "possibly_billed.jsonl"
+INDEX_NAME = "results.index"
 _FSYNC_EVERY_S = 1.0
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _KEEP_DAMAGED = 20  # line numbers of damaged rows kept for the message
@@ -147,6 +148,11 @@ class AnswerIndex:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self.contains([key])[0])
 
+    def absorb(self, later: AnswerIndex) -> None:
+        """Take in the answers of ``later`` (not frozen yet), which win over ours for the same key."""
+        self._pending += later._pending
+        self._fps += later._fps
+
     def contains(self, keys: Sequence[str]) -> _Bools:
         """Whether each key has an ok row, whatever request bought it."""
         done, stale = self.lookup(keys, [""] * len(keys))
@@ -203,6 +209,8 @@ class ResumeIndex:
     damaged_lines: list[int] = field(default_factory=list)  # the first few, 1-based
     torn_bytes: int = 0  # size of a torn last line set aside into results.torn.jsonl
     spilled_rows: int = 0  # rows folded back in from a spill file an earlier run left
+    lines: int = 0  # lines of the ledger read (for the line numbers of damaged ones)
+    from_cache: bool = False  # the resume index beside the ledger covered most of it
 
     @property
     def ok_ids(self) -> AnswerIndex:
@@ -223,6 +231,8 @@ class Ledger:
         self._pending: list[bytes] = []
         self._last_fsync = time.monotonic()
         self._dirty = False
+        self._index: ResumeIndex | None = None
+        self._added = AnswerIndex()
         self.spilled_to: Path | None = None
 
     def open(self) -> ResumeIndex:
@@ -236,12 +246,24 @@ class Ledger:
             raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
         index.torn_bytes = self._repair_tail()
         index.spilled_rows = self._fold_spills()
-        _index_rows(self.path, index)
+        start, lines = _load_index(self.out_dir / INDEX_NAME, self.path, index)
+        index.from_cache = start > 0
+        _index_rows(self.path, index, start, lines)
+        self._index = index
         return index
 
     def append(self, row: dict[str, Any]) -> None:
         """Queue a row; :meth:`flush` writes every queued row in one system call."""
         self._pending.append(orjson.dumps(row) + b"\n")
+        index = self._index
+        if index is not None:
+            index.lines += 1
+            index.rows += 1
+            if row.get("status") == "ok":
+                # Kept apart until close: the run's lookups must not re-sort the index on every batch.
+                self._added.add(row_key(row["id"], row.get("sample") or 0), row.get("fingerprint"))
+            else:
+                index.failed_rows += 1
 
     @property
     def pending(self) -> int:
@@ -292,6 +314,11 @@ class Ledger:
             raise LedgerError(f"{exc}; its rows were saved to {where} and the next run folds them in") from None
         os.close(self._fd)
         self._fd = None
+        if self._index is not None:
+            self._index.answers.absorb(self._added)
+            self._added = AnswerIndex()
+            with contextlib.suppress(OSError):  # the index only saves time; a rerun rebuilds it
+                _save_index(self.out_dir / INDEX_NAME, self.path, self._index)
 
     def _spill(self) -> Path | None:
         data = b"".join(self._pending)
@@ -398,12 +425,14 @@ def complete_end(f: IO[bytes], size: int) -> int:
     return size if isinstance(row, dict) and "id" in row and "status" in row else start
 
 
-def _index_rows(path: Path, index: ResumeIndex) -> None:
+def _index_rows(path: Path, index: ResumeIndex, start: int = 0, lines: int = 0) -> None:
     loads = orjson.loads
     add_ok = index.answers.add
     damaged = index.damaged_lines
+    number = lines
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        f.seek(start)
+        for number, line in enumerate(f, lines + 1):
             if len(line) <= 1:
                 continue
             try:
@@ -423,6 +452,67 @@ def _index_rows(path: Path, index: ResumeIndex) -> None:
                 add_ok(row_key(rid, sample), row.get("fingerprint"))
             else:
                 index.failed_rows += 1
+    index.lines = number
+
+
+_INDEX_MAGIC = b"batchgate-index 1\n"
+_TAIL_CHECK = 4096
+
+
+def _tail_digest(path: Path, size: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, size - _TAIL_CHECK))
+        return hashlib.blake2b(f.read(min(size, _TAIL_CHECK)), digest_size=16).hexdigest()
+
+
+def _save_index(index_path: Path, ledger: Path, index: ResumeIndex) -> None:
+    """``results.index``: the ok answers of the first ``covered`` bytes, so a resume reads only the rest."""
+    answers = index.answers
+    answers._freeze()
+    size = ledger.stat().st_size
+    header = {
+        "covered": size,
+        "tail": _tail_digest(ledger, size),
+        "n": len(answers._hi),
+        "rows": index.rows,
+        "failed_rows": index.failed_rows,
+        "unreadable_lines": index.unreadable_lines,
+        "damaged_lines": index.damaged_lines,
+        "lines": index.lines,
+    }
+    parts = [_INDEX_MAGIC, orjson.dumps(header) + b"\n"]
+    parts += [a.astype("<u8").tobytes() for a in (answers._hi, answers._lo, answers._fp)]
+    write_atomic(index_path, parts)
+
+
+def _load_index(index_path: Path, ledger: Path, index: ResumeIndex) -> tuple[int, int]:
+    """(offset to read on from, lines before it); (0, 0) when the index is missing, damaged or stale.
+
+    Stale: the ledger is shorter than what the index covers, or the bytes at its covered end
+    differ (rewritten by hand).  Appended rows after it are fine: they are read as usual.
+    """
+    try:
+        if index_path.is_symlink() or not index_path.is_file():
+            return 0, 0
+        with open(index_path, "rb") as f:
+            if f.readline() != _INDEX_MAGIC:
+                return 0, 0
+            header = orjson.loads(f.readline())
+            n = int(header["n"])
+            covered = int(header["covered"])
+            arrays = [np.frombuffer(f.read(8 * n), dtype="<u8").astype(np.uint64) for _ in range(3)]
+        if any(len(a) != n for a in arrays) or covered > ledger.stat().st_size:
+            return 0, 0
+        if covered and _tail_digest(ledger, covered) != header["tail"]:
+            return 0, 0
+    except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return 0, 0
+    index.answers._hi, index.answers._lo, index.answers._fp = arrays
+    index.rows = int(header["rows"])
+    index.failed_rows = int(header["failed_rows"])
+    index.unreadable_lines = int(header["unreadable_lines"])
+    index.damaged_lines = [int(x) for x in header["damaged_lines"]]
+    return covered, int(header["lines"])
 
 
 def _write_all(fd: int, data: bytes, path: Path) -> None:

@@ -191,3 +191,35 @@ def test_rows_a_full_disk_refused_are_spilled_and_folded_back_in(tmp_path: Path)
     index = Ledger(tmp_path).open()
     assert index.spilled_rows == 1 and "b" in index.answers and "a" in index.answers
     assert not (tmp_path / SPILL_NAME).exists()
+
+
+def test_the_resume_index_covers_the_ledger_and_a_hand_edit_makes_it_rebuild(tmp_path: Path) -> None:
+    from batchgate.ledger import INDEX_NAME
+
+    def row(rid: str, status: str = "ok", fingerprint: str | None = None) -> dict[str, Any]:
+        return {"v": 2, "id": rid, "status": status, "fingerprint": fingerprint}
+
+    def fp(i: int) -> str:
+        return f"{i + 1:016x}" * 2
+
+    led = Ledger(tmp_path)
+    led.open()
+    for i in range(50):
+        led.append(row(f"r{i}", "ok" if i % 5 else "failed", fp(i)))
+    led.close()
+    assert (tmp_path / INDEX_NAME).exists()
+    with (tmp_path / LEDGER_NAME).open("ab") as f:  # rows appended after the index (a killed run's)
+        f.write(orjson.dumps(row("late")) + b"\n")
+    index = Ledger(tmp_path).open()
+    assert index.from_cache and index.rows == 51 and index.failed_rows == 10
+    assert "late" in index.answers and "r1" in index.answers and "r0" not in index.answers
+    done, stale = index.answers.lookup(["r1", "r2"], [fp(1), fp(99)])
+    assert done.tolist() == [True, False] and stale.tolist() == [False, True]
+    # Rewritten by hand (same size even): the index no longer matches the bytes it covered.
+    data = (tmp_path / LEDGER_NAME).read_bytes().replace(b'"r1"', b'"x1"')
+    (tmp_path / LEDGER_NAME).write_bytes(data)
+    index = Ledger(tmp_path).open()
+    assert not index.from_cache and "x1" in index.answers and "r1" not in index.answers
+    (tmp_path / INDEX_NAME).write_bytes(b"garbage")
+    index = Ledger(tmp_path).open()
+    assert not index.from_cache and index.rows == 51
