@@ -17,7 +17,7 @@ from typing import Any
 from .models import PromptRecord
 from .pricing import PriceBook, RunningSum
 
-__all__ = ["Accounts", "Charge", "usage_numbers"]
+__all__ = ["Accounts", "Charge", "combine_charges", "usage_numbers"]
 
 #: Characters per completion token before a model's first confirmed answer teaches its own.
 DEFAULT_CHARS_PER_TOKEN = 4.0
@@ -179,3 +179,29 @@ class Accounts:
                 self.unconfirmed.add(est)
         self._unpriced = left
         return still
+
+
+def _sum_or_none(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def combine_charges(charges: list[Charge]) -> Charge:
+    """One row's charge from several paid requests (an answer and the re-asks that replaced it)."""
+    order = {"confirmed": 0, "derived": 1, "unconfirmed": 2}
+    statuses = [c.cost_status for c in charges if c.cost_status is not None]
+    unconfirmed = [c.unconfirmed_cost_usd for c in charges if c.unconfirmed_completion_tokens]
+    warnings = [w for c in charges for w in c.warnings]
+    return Charge(
+        prompt_tokens=_sum_or_none([c.prompt_tokens for c in charges]),
+        completion_tokens=_sum_or_none([c.completion_tokens for c in charges]),
+        total_tokens=_sum_or_none([c.total_tokens for c in charges]),
+        base_cost_usd=math.fsum(c.base_cost_usd for c in charges),
+        platform_fee_usd=math.fsum(c.platform_fee_usd for c in charges),
+        total_cost_usd=math.fsum(c.total_cost_usd for c in charges),
+        cost_status=max(statuses, key=lambda st: order.get(st, 2)) if statuses else None,
+        unconfirmed_completion_tokens=sum(c.unconfirmed_completion_tokens for c in charges),
+        unconfirmed_cost_usd=None if None in unconfirmed else math.fsum(u or 0.0 for u in unconfirmed),
+        usage_raw=next((c.usage_raw for c in reversed(charges) if c.usage_raw is not None), None),
+        warnings=list(dict.fromkeys(warnings)),
+    )

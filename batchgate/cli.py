@@ -115,6 +115,33 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Never spend more USD in this invocation (job file: max_cost_usd).",
         ),
         click.option(
+            "--json-schema",
+            "json_schema",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Every answer must be JSON matching this JSON Schema file (sent as response_format).",
+        ),
+        click.option(
+            "--json-mode",
+            type=click.Choice(["json_schema", "json_object"]),
+            default="json_schema",
+            show_default=True,
+            help="response_format to send with --json-schema (json_object for models without json_schema).",
+        ),
+        click.option(
+            "--reask",
+            type=click.IntRange(0, 10),
+            default=0,
+            show_default=True,
+            help="Re-ask (a paid request each) up to N times when an answer does not match --json-schema.",
+        ),
+        click.option(
+            "--on-length",
+            type=click.Choice(["keep", "fail", "reask"]),
+            default="keep",
+            show_default=True,
+            help="An answer cut at max_tokens: keep it, count it failed, or re-ask (with --reask N).",
+        ),
+        click.option(
             "--samples",
             type=click.IntRange(1, 1000),
             default=1,
@@ -233,8 +260,29 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         system_prompt=system,
         samples=opts.get("samples") or 1,
         shard=shard,
+        json_schema=_read_schema(opts.get("json_schema")),
+        json_mode=opts.get("json_mode") or "json_schema",
+        reask=opts.get("reask") or 0,
+        on_length=opts.get("on_length") or "keep",
     )
     return inputs, config, opts
+
+
+def _read_schema(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        schema = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the JSON Schema ({exc.strerror or exc})") from None
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InputError(f"{path}: a JSON Schema must be an object")
+    from .structured import AnswerSchema
+
+    AnswerSchema(schema, source=str(path))  # a bad schema is exit 2 before anything is sent
+    return schema
 
 
 def _shard(spec: str | None, shards: int | None) -> tuple[int, int] | None:
@@ -540,6 +588,11 @@ class _Log:
         if s.warnings:
             odd = ", ".join(f"{k} {v}" for k, v in sorted(s.warnings.items()))
             lines.append(f"  warnings  {odd} (answers kept; see the ledger's warnings column)")
+        if s.invalid or s.reasks or s.length_cut:
+            lines.append(
+                f"  answers   {s.invalid} not matching the schema (kept, valid: false), {s.reasks} re-asks "
+                f"(${s.reask_cost_usd:.6f}, in the cost above), {s.length_cut} cut at max_tokens"
+            )
         if s.failures_by_cause:
             causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
             lines.append(f"  failures  {causes}")

@@ -39,6 +39,10 @@ class RunConfig:
     samples: int = 1  # independent answers per prompt, each its own row keyed by (id, sample)
     shard: tuple[int, int] | None = None  # (k, n): run only the ids whose hash falls in shard k of n (1-based k)
     default_max_tokens: int = 4096  # what the API assumes when a request names none (GonkaGate's default)
+    json_schema: dict[str, Any] | None = None  # every answer must be JSON matching this schema
+    json_mode: str = "json_schema"  # response_format sent: json_schema, or json_object where unsupported
+    reask: int = 0  # re-asks (each a paid request) after an answer that does not match the schema
+    on_length: str = "keep"  # an answer cut at max_tokens: keep | fail | reask
     check_models: bool = True  # GET /models before the first paid request; unknown models stop the run
 
 

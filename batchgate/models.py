@@ -157,6 +157,10 @@ class RunSummary:
     possibly_billed_unpriced: int = 0  # of those, attempts whose worst case had no known price
     stale: int = 0  # ok rows whose request changed since (prompt edited, model or defaults changed): rerun
     cached: int = 0  # answered from the answer cache, bought by an earlier run
+    invalid: int = 0  # structured answers that do not match --json-schema (kept, valid: false)
+    reasks: int = 0  # paid re-asks after an invalid (or, with --on-length reask, a cut) answer
+    reask_cost_usd: float = 0.0  # what those re-asked answers cost (in total_cost_usd too)
+    length_cut: int = 0  # answers cut at max_tokens (finish_reason: length)
     warnings: dict[str, int] = field(default_factory=dict)  # odd server behaviour, by code
     wall_s: float = 0.0
     exit_code: int = 0
@@ -186,6 +190,10 @@ class RunSummary:
             "possibly_billed_unpriced": self.possibly_billed_unpriced,
             "stale": self.stale,
             "cached": self.cached,
+            "invalid": self.invalid,
+            "reasks": self.reasks,
+            "reask_cost_usd": self.reask_cost_usd,
+            "length_cut": self.length_cut,
             "warnings": dict(self.warnings),
             "wall_s": round(self.wall_s, 3),
             "requests_per_s": round(self.requests / self.wall_s, 2) if self.wall_s > 0 else 0.0,

@@ -44,8 +44,13 @@ def make_row(
     started_at: str,
     latency_s: float,
     cached: dict[str, Any] | None = None,
+    failed: bool = False,
 ) -> dict[str, Any]:
-    """The ledger row of one finished prompt (ok when ``completion`` is given, else failed)."""
+    """The ledger row of one finished prompt: ok when ``completion`` is given, else failed.
+
+    ``failed`` with a completion: a delivered, paid answer the run refuses (``--on-length fail``);
+    its text and cost stay on the row.
+    """
     ok = completion is not None
     content = completion.content if completion is not None else ""
     finish_reason = completion.finish_reason if completion is not None else None
@@ -66,7 +71,7 @@ def make_row(
         "job": rec.job,
         "run_id": run_id,
         "model": rec.model,
-        "status": "ok" if ok else "failed",
+        "status": "ok" if ok and not failed else "failed",
         "content": content,
         "finish_reason": finish_reason,
         "prompt_tokens": charge.prompt_tokens,

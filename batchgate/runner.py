@@ -18,7 +18,7 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from . import jobs
-from .accounting import Accounts
+from .accounting import Accounts, combine_charges
 from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
 from .config import RunConfig, public_settings
 from .errors import (
@@ -36,6 +36,7 @@ from .errors import (
     InsufficientBalance,
     Interrupted,
     LedgerError,
+    LengthCut,
     RateLimited,
     RetryableError,
 )
@@ -45,6 +46,7 @@ from .models import PromptRecord, RunSummary, StopReason
 from .pricing import Budget, PriceBook
 from .retry import Outcome, RetryPolicy
 from .rows import make_row
+from .structured import AnswerSchema, Verdict
 from .throttle import Throttle
 
 __all__ = ["EXIT_CODES", "Runner", "in_shard", "run"]
@@ -108,6 +110,11 @@ class Runner:
         self._any_response = False
         self._ledger_error: LedgerError | None = None
         self._possibly_billed = PossiblyBilled()
+        self.schema: AnswerSchema | None = (
+            AnswerSchema(config.json_schema, mode=config.json_mode, source="--json-schema")
+            if config.json_schema is not None
+            else None
+        )
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -267,9 +274,6 @@ class Runner:
             yield from (item for item, skip in zip(batch, done.tolist(), strict=True) if not skip)
 
     async def _worker(self, records: Iterator[_Pending], session: Any, policy: RetryPolicy, url: str) -> None:
-        throttle = self.throttle
-        watch = self._watch
-        intents = self._intents
         for rec, body_obj, fingerprint in records:
             if self._stop_reason is not None:
                 return
@@ -277,23 +281,36 @@ class Runner:
             reserved = await self._admit(rec, worst) if self.budget is not None else 0.0
             if reserved is None:
                 return
-            body = orjson.dumps(body_obj)
-            headers = request_headers(rec.id)
-            key = row_key(rec.id, rec.sample)
-            tries = 0
+            await self._serve(rec, body_obj, fingerprint, worst, reserved, session, policy, url)
+            if self._stop_reason is not None:
+                return
 
-            async def attempt(
-                body: bytes = body,
-                headers: dict[str, str] = headers,
-                key: str = key,
-                fingerprint: str = fingerprint,
-                worst: float | None = worst,
-            ) -> Completion:
+    async def _serve(
+        self,
+        rec: PromptRecord,
+        body_obj: dict[str, Any],
+        fingerprint: str,
+        worst: float | None,
+        reserved: float,
+        session: Any,
+        policy: RetryPolicy,
+        url: str,
+    ) -> None:
+        """Buy one answer (with its retries, and its re-asks when it does not fit the schema); write its row."""
+        throttle = self.throttle
+        watch = self._watch
+        intents = self._intents
+        headers = request_headers(rec.id)
+        key = row_key(rec.id, rec.sample)
+        tries = 0
+
+        def attempt_with(body: bytes, worst: float | None) -> Callable[[], Awaitable[Completion]]:
+            async def attempt() -> Completion:
                 nonlocal tries
                 await throttle.acquire()
                 try:
                     if tries:
-                        self.retrying -= 1
+                        self.retrying = max(0, self.retrying - 1)
                     tries += 1
                     intents.started(key, tries, fingerprint, worst)
                     return await stream_completion(session, url, body, headers, watch)
@@ -303,29 +320,63 @@ class Runner:
                 finally:
                     throttle.release()
 
-            started_at = _utc_now()
-            t0 = time.monotonic()
-            self.in_flight += 1
-            try:
-                outcome = await policy.run(attempt)
-            except asyncio.CancelledError as exc:
-                self._record_interrupted(
-                    rec, fingerprint, getattr(exc, "received_tokens", 0), started_at, time.monotonic() - t0
-                )
-                raise
-            finally:
-                self.in_flight -= 1
-                if self.budget is not None:
-                    self._release_probe(rec.model)
-            if isinstance(outcome.error, RetryableError):
-                self.retrying = max(0, self.retrying - 1)  # its last failure was final, not a retry
-            if outcome.completion is not None:
-                throttle.on_success()
-            spent = self._record(rec, fingerprint, outcome, started_at, time.monotonic() - t0)
+            return attempt
+
+        started_at = _utc_now()
+        t0 = time.monotonic()
+        prior: list[Outcome] = []  # paid answers a re-ask replaced
+        verdict: Verdict | None = None
+        self.in_flight += 1
+        try:
+            outcome = await policy.run(attempt_with(orjson.dumps(body_obj), worst))
+            verdict, follow_up = self._follow_up(outcome, body_obj, len(prior))
+            while follow_up is not None:
+                again = self._worst_case(rec, follow_up)
+                if self.budget is not None and (again is None or not self.budget.try_reserve(again)):
+                    break  # no budget for a re-ask: keep the answer we have
+                self._settle_outcome(rec, outcome, prior)
+                prior.append(outcome)
+                reserved += again or 0.0
+                body_obj = follow_up
+                outcome = await policy.run(attempt_with(orjson.dumps(follow_up), again))
+                verdict, follow_up = self._follow_up(outcome, body_obj, len(prior))
+        except asyncio.CancelledError as exc:
+            self._record_interrupted(
+                rec, fingerprint, getattr(exc, "received_tokens", 0), started_at, time.monotonic() - t0
+            )
+            raise
+        finally:
+            self.in_flight -= 1
             if self.budget is not None:
-                self.budget.settle(reserved, spent)
-            if self._stop_reason is not None:
-                return
+                self._release_probe(rec.model)
+        if isinstance(outcome.error, RetryableError):
+            self.retrying = max(0, self.retrying - 1)  # its last failure was final, not a retry
+        if outcome.completion is not None:
+            throttle.on_success()
+        spent = self._record(rec, fingerprint, outcome, started_at, time.monotonic() - t0, prior, verdict)
+        if self.budget is not None:
+            self.budget.settle(reserved, spent)
+
+    def _follow_up(
+        self, outcome: Outcome, body: dict[str, Any], reasks: int
+    ) -> tuple[Verdict | None, dict[str, Any] | None]:
+        """The verdict on a structured answer, and the re-ask to send next (None: this answer stands)."""
+        comp = outcome.completion
+        schema = self.schema
+        if comp is None or (schema is None and self.config.on_length != "reask"):
+            return None, None
+        verdict = schema.check(comp.content) if schema is not None else None
+        if reasks >= self.config.reask or self._stop_reason is not None:
+            return verdict, None
+        if comp.finish_reason == "length" and self.config.on_length == "reask":
+            return verdict, AnswerSchema.reask_after_length(body, comp.content)
+        if verdict is not None and not verdict.valid:
+            return verdict, AnswerSchema.reask(body, comp.content, verdict.error or "invalid")
+        return verdict, None
+
+    def _settle_outcome(self, rec: PromptRecord, outcome: Outcome, prior: list[Outcome]) -> None:
+        """A paid answer about to be replaced by a re-ask: count it now (it is in the row's totals)."""
+        self.summary.reasks += 1
 
     def _record_interrupted(
         self, rec: PromptRecord, fingerprint: str, tokens: int, started_at: str, latency: float
@@ -347,6 +398,8 @@ class Runner:
             if not messages or messages[0].get("role") != "system":
                 body["messages"] = [{"role": "system", "content": system}, *messages]
         body["model"] = rec.model
+        if self.schema is not None and "response_format" not in body:
+            body["response_format"] = self.schema.response_format()
         body["stream"] = True
         body["stream_options"] = _STREAM_OPTIONS
         return body
@@ -415,12 +468,38 @@ class Runner:
         if not isinstance(exc, ConnectFailed):
             self._any_response = True
 
-    def _record(self, rec: PromptRecord, fingerprint: str, outcome: Outcome, started_at: str, latency: float) -> float:
-        """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed)."""
+    def _record(
+        self,
+        rec: PromptRecord,
+        fingerprint: str,
+        outcome: Outcome,
+        started_at: str,
+        latency: float,
+        prior: Sequence[Outcome] = (),
+        verdict: Verdict | None = None,
+    ) -> float:
+        """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed).
+
+        ``prior``: paid answers that re-asks replaced; their cost is in this row's totals (and
+        apart, as ``reask_cost_usd``), so the ledger's sum stays what the server billed.
+        """
         s = self.summary
         comp: Completion | None = outcome.completion
         charge = self.accounts.charge(rec, comp, outcome.cut_chars, outcome.cut_tokens)
+        attempts, causes = outcome.attempts, outcome.causes
+        reask_cost = 0.0
+        if prior:
+            earlier = [self.accounts.charge(rec, o.completion, o.cut_chars, o.cut_tokens) for o in prior]
+            reask_cost = math.fsum(c.spent for c in earlier)
+            charge = combine_charges([*earlier, charge])
+            attempts += sum(o.attempts for o in prior)
+            causes = [c for o in prior for c in o.causes] + ["reask"] * len(prior) + causes
+            s.reask_cost_usd += reask_cost
         err = outcome.error
+        if comp is not None and comp.finish_reason == "length":
+            s.length_cut += 1
+            if self.config.on_length == "fail":
+                err = LengthCut("the answer was cut at max_tokens (finish_reason: length); --on-length fail")
         row = make_row(
             rec,
             run_id=self.run_id,
@@ -428,11 +507,19 @@ class Runner:
             completion=comp,
             error=err,
             charge=charge,
-            attempts=outcome.attempts,
-            retry_causes=outcome.causes,
+            attempts=attempts,
+            retry_causes=causes,
             started_at=started_at,
             latency_s=latency,
+            failed=err is not None,
         )
+        if verdict is not None:
+            row.update(verdict.as_row())
+            if not verdict.valid:
+                s.invalid += 1
+        if prior:
+            row["reasks"] = len(prior)
+            row["reask_cost_usd"] = reask_cost
         self._ledger.append(row)
         self._intents.finished(row_key(rec.id, rec.sample))
         if not self._flush_scheduled:
@@ -441,7 +528,7 @@ class Runner:
 
         s.requests += 1
         s.retries += outcome.attempts - 1
-        if comp is not None:
+        if comp is not None and err is None:
             s.ok += 1
             self._any_response = True
             s.total_cost_usd += charge.total_cost_usd
@@ -451,6 +538,7 @@ class Runner:
             s.failed += 1
             kind = err.kind if err else "unknown"
             s.failures_by_cause[kind] = s.failures_by_cause.get(kind, 0) + 1
+            s.total_cost_usd += charge.total_cost_usd
             self._on_final_error(err)
         if charge.unconfirmed_cost_usd:
             s.unconfirmed_cost_usd += charge.unconfirmed_cost_usd

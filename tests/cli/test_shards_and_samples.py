@@ -23,10 +23,27 @@ def test_three_shards_in_three_processes_split_one_input_exactly(tmp_path: Path,
     out = tmp_path / "out"
     procs = [
         subprocess.Popen(
-            [BATCHGATE, "run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out),
-             "--shard", f"{k}/3", "--no-report", "--quiet", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(GONKAGATE_API_KEY="gp-test"),
-        )  # fmt: skip
+            [
+                BATCHGATE,
+                "run",
+                str(src),
+                "--model",
+                "sim-model",
+                "--base-url",
+                simulator.url,
+                "--out",
+                str(out),
+                "--shard",
+                f"{k}/3",
+                "--no-report",
+                "--quiet",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(GONKAGATE_API_KEY="gp-test"),
+        )
         for k in (1, 2, 3)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
