@@ -60,6 +60,7 @@ class PromptRecord:
     model: str
     body: dict[str, Any]
     prompt_chars: int
+    meta: dict[str, Any] | None = None  # the line's "meta", or a table row's other columns: never sent
 
 
 @dataclass(slots=True)
