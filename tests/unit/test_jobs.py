@@ -514,7 +514,9 @@ def _check_accounting(lines: list[bytes]) -> ValidationReport:
             1 for i, raw in enumerate(lines) if (raw[3:] if i == 0 and raw[:3] == b"\xef\xbb\xbf" else raw).strip()
         )
         if non_blank == 0:  # nothing at all to run is a problem of the whole input
-            assert [str(p) for p in report.problems] == [f"{path}: no prompts: the input is empty or holds only blank lines"]
+            assert [str(p) for p in report.problems] == [
+                f"{path}: no prompts: the input is empty or holds only blank lines"
+            ]
             return report
         assert report.problem_count + report.records == non_blank
         assert len(report.problems) == report.problem_count  # at most 8 lines: all kept
