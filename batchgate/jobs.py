@@ -177,6 +177,7 @@ class _Context:
     default_model: str | None
     strict: bool = False
     templates: Any = None  # batchgate.tables.Templates when the inputs are tables
+    tables: Any = None  # the batchgate.tables module then (imported only for tables)
     id_column: str | None = None
 
 
@@ -349,7 +350,8 @@ def _context(
         raise InputError("--id-column needs a column name")
     from . import tables  # Jinja2 and pyarrow only when a table is read
 
-    return _Context(default_model, strict, tables.compile_templates(template, system_template), id_column)
+    templates = tables.compile_templates(template, system_template)
+    return _Context(default_model, strict, templates=templates, tables=tables, id_column=id_column)
 
 
 def _id_digest(rid: str) -> bytes:
@@ -714,9 +716,7 @@ def _parse_row_line(raw: bytes, first: bool, ctx: _Context) -> _Parsed | None:
 
 
 def _table_parsed(row: dict[str, Any], ctx: _Context) -> _Parsed:
-    from . import tables
-
-    prompt = tables.row_prompt(row, ctx.templates, ctx.id_column)
+    prompt = ctx.tables.row_prompt(row, ctx.templates, ctx.id_column)
     model = ctx.default_model or ""
     body: dict[str, Any] = {"messages": prompt.messages, "model": model}
     return prompt.id, model, body, prompt.chars, prompt.derived, (), prompt.meta
