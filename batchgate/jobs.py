@@ -684,10 +684,11 @@ def _table_rows(src: _Source, ctx: _Context) -> Iterator[tuple[int, _Parsed | _L
     from . import tables
 
     if src.kind == "parquet":
-        rows = tables.parquet_rows(src.read_path)
+        rows = tables.parquet_rows(src.read_path, id_column=ctx.id_column)
     else:
+        delimiter = "\t" if src.kind == "tsv" else ","
         rows = tables.csv_rows(
-            lambda: _open(src.read_path, src.compression), delimiter="\t" if src.kind == "tsv" else ","
+            lambda: _open(src.read_path, src.compression), delimiter=delimiter, id_column=ctx.id_column
         )
     try:
         for n, row in rows:

@@ -232,7 +232,7 @@ def _cut(text: str, limit: int) -> str:
 Rows = Iterator[tuple[int, dict[str, Any] | RowProblem]]
 
 
-def csv_rows(open_binary: Callable[[], IO[bytes]], *, delimiter: str = ",") -> Rows:
+def csv_rows(open_binary: Callable[[], IO[bytes]], *, delimiter: str = ",", id_column: str | None = None) -> Rows:
     """Numbered data rows (from 1, the header not counted) of a CSV, every cell a string.
 
     Every cell stays text (``"007"`` is not 7): a CSV has no types, and a template prints text.
@@ -259,6 +259,7 @@ def csv_rows(open_binary: Callable[[], IO[bytes]], *, delimiter: str = ",") -> R
         if name in seen:
             raise RowProblem(f'the header names column "{name}" twice')
         seen.add(name)
+    _check_id_column(names, id_column, "header")
 
     bad_rows: dict[int, str] = {}  # data row -> problem, filled by pyarrow as it parses ahead
 
@@ -303,7 +304,7 @@ def csv_rows(open_binary: Callable[[], IO[bytes]], *, delimiter: str = ",") -> R
             yield number, RowProblem(bad_rows[number])
 
 
-def parquet_rows(path: str) -> Rows:
+def parquet_rows(path: str, *, id_column: str | None = None) -> Rows:
     """Numbered rows (from 1) of a Parquet file, read a batch at a time within its row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -316,6 +317,7 @@ def parquet_rows(path: str) -> Rows:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise RowProblem(f'the file names column "{dup}" twice')
+    _check_id_column(names, id_column, "file")
     n = 0
     batches = pf.iter_batches(batch_size=_BATCH_ROWS, use_threads=False)
     while True:
@@ -329,6 +331,16 @@ def parquet_rows(path: str) -> Rows:
         for row in batch.to_pylist():
             n += 1
             yield n, row
+
+
+def _check_id_column(names: list[str], id_column: str | None, where: str) -> None:
+    """A missing id column is one problem for the file, not one per row."""
+    if id_column is not None and id_column not in names:
+        close = difflib.get_close_matches(id_column, names, n=1)
+        hint = f": did you mean {close[0]}?" if close else ""
+        raise RowProblem(
+            f'no id column "{id_column}" in the {where}{hint} (columns: {_cut(", ".join(names), 80) or "none"})'
+        )
 
 
 def _arrow_message(exc: BaseException) -> str:

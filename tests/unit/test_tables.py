@@ -151,9 +151,17 @@ def test_id_column_problems(tmp_path: Path) -> None:
         f'{path}:2: data row 2: id column "key" must hold a non-empty string or an integer, got " "',
         f'{path}:3: duplicate id "a" (first seen at {path}:1)',
     ]
-    report = validate([path], default_model=MODEL, template="{{ text }}", id_column="id")
-    assert report.problem_count == 3
-    assert str(report.problems[0]) == f'{path}:1: data row 1: no id column "id" on this row (columns: key, text)'
+    report = validate([path], default_model=MODEL, template="{{ text }}", id_column="ky")
+    assert [str(p) for p in report.problems] == [
+        f'{path}: no id column "ky" in the header: did you mean key? (columns: key, text)'
+    ]
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "t.parquet")
+    report = validate([tmp_path / "t.parquet"], default_model=MODEL, template="{{ text }}", id_column="id")
+    assert report.format() == f'{tmp_path / "t.parquet"}: no id column "id" in the file (columns: text)'
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"key": 1, "text": "x"}\n{"text": "y"}\n')
+    report = validate([rows], default_model=MODEL, template="{{ text }}", id_column="key")
+    assert report.format() == f'{rows}:2: no id column "key" on this row (columns: text)'
 
 
 def test_ragged_rows_bad_utf8_and_quoted_newlines_keep_true_row_numbers(tmp_path: Path) -> None:
