@@ -443,13 +443,17 @@ def _inputs(paths: Sequence[str | Path], jobs: Sequence[str] | None, ctx: _Conte
     return inputs
 
 
-def _stem(path: str) -> str:
+def _uncompressed_name(path: str) -> Path:
+    """The file name less a compression suffix: ``p.csv.gz`` is a CSV, job ``p``."""
     name = Path(path).name
     for suffix in _COMPRESSED_SUFFIXES:
         if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return Path(name).stem
+            return Path(name[: -len(suffix)])
+    return Path(name)
+
+
+def _stem(path: str) -> str:
+    return _uncompressed_name(path).stem
 
 
 def _resolve(path: str) -> tuple[tuple[int, int], str]:
@@ -498,7 +502,7 @@ def _sniff(path: str, read_path: str, tables: bool) -> tuple[str | None, str]:
             f"{path}: is zstd-compressed, and the zstandard package is not installed: "
             "pip install 'batchgate[zstd]', or decompress it first (zstd -d)"
         )
-    name = _stem_suffix(path)
+    name = _uncompressed_name(path).suffix.lower()
     if magic.startswith(_PARQUET_MAGIC) or name in (".parquet", ".pq"):
         if compression is not None:
             raise InputError(f"{path}: a Parquet file inside {compression}: decompress it first")
@@ -528,13 +532,6 @@ def _sniff(path: str, read_path: str, tables: bool) -> tuple[str | None, str]:
     return compression, "jsonl" if first in (b"{", b"") else "csv"
 
 
-def _stem_suffix(path: str) -> str:
-    name = Path(path).name.lower()
-    for suffix in _COMPRESSED_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return Path(name).suffix
 
 
 def _needs_template(path: str, kind: str) -> str:
@@ -705,14 +702,12 @@ def _table_rows(src: _Source, ctx: _Context) -> Iterator[tuple[int, _Parsed | _L
 
 def _parse_row_line(raw: bytes, first: bool, ctx: _Context) -> _Parsed | None:
     """One line of a JSONL table: an object whose keys are the row's columns."""
-    from . import tables
-
     obj = _load_object(raw, first)
     if obj is None:
         return None
     try:
         return _table_parsed(obj, ctx)
-    except tables.RowProblem as exc:
+    except ctx.tables.RowProblem as exc:
         raise _LineProblem(str(exc)) from None
 
 
