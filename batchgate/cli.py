@@ -335,15 +335,56 @@ def run(ctx: click.Context, **opts: Any) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "default_model", help="Model for lines that name none.")
+@click.option(
+    "--template",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Jinja2 template file: INPUTS are tables (CSV, TSV, Parquet, JSONL) rendered row by row.",
+)
+@click.option("--prompt", "prompt_text", metavar="TEXT", help='Inline template instead, e.g. "Summarise: {{ text }}".')
+@click.option("--system-template", metavar="TEXT", help="Jinja2 template of a system message for each row.")
+@click.option("--id-column", metavar="NAME", help="Column holding each row's id [default: an id from its content].")
+@click.option("--strict", is_flag=True, help="Unknown chat parameters are errors, not warnings.")
 @_guard
-def validate(inputs: tuple[Path, ...], default_model: str | None) -> None:
-    """Check prompt files (or a job file's) without sending anything, as `run` does first."""
+def validate(
+    inputs: tuple[Path, ...],
+    default_model: str | None,
+    template: Path | None,
+    prompt_text: str | None,
+    system_template: str | None,
+    id_column: str | None,
+    strict: bool,
+) -> None:
+    """Check prompt files, tables (or a job file's) without sending anything, as `run` does first.
+
+    Use - for standard input; .gz, .zst and .bz2 files are read as they are.
+    """
+    if template is not None and prompt_text is not None:
+        raise InputError("give either --template FILE or --prompt TEXT, not both")
     paths = list(inputs)
+    user_template: str | Path | None = template if template is not None else prompt_text
+    system: str | Path | None = system_template
     if len(paths) == 1 and paths[0].suffix == ".toml":
         spec = load_job(paths[0])
         paths = spec.inputs
         default_model = default_model or spec.settings.get("default_model")
-    report = jobs.validate(paths, default_model=default_model)
+        if user_template is None:
+            user_template = spec.settings.get("template")
+        system = system if system is not None else spec.settings.get("system_template")
+        id_column = id_column or spec.settings.get("id_column")
+        if strict and spec.warnings:
+            raise InputError("\n".join(w + " (--strict)" for w in spec.warnings))
+        for warning in spec.warnings:
+            click.echo(f"batchgate: warning: {warning}", err=True)
+    report = jobs.validate(
+        paths,
+        default_model=default_model,
+        template=user_template,
+        system_template=system,
+        id_column=id_column,
+        strict=strict,
+    )
+    if report.warnings:
+        click.echo("\n".join(f"batchgate: warning: {w}" for w in report.warnings), err=True)
     if not report.ok():
         raise InputError(report.format())
     click.echo(f"{report.records:,} prompts, {report.prompt_chars:,} prompt characters: ready to run")

@@ -130,6 +130,7 @@ class PromptRecord:
     body: dict[str, Any]
     prompt_chars: int
     sample: int = 0  # which of --samples N answers this request asks for
+    meta: dict[str, Any] | None = None  # the line's "meta", or a table row's other columns: never sent
 
 
 @dataclass(slots=True)
