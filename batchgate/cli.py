@@ -94,6 +94,17 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--model", "default_model", help="Model for lines that name none."),
         click.option(
+            "--template",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Jinja2 template file: INPUTS are tables (CSV, TSV, Parquet, JSONL) rendered row by row.",
+        ),
+        click.option(
+            "--prompt", "prompt_text", metavar="TEXT", help='Inline template instead, e.g. "Summarise: {{ text }}".'
+        ),
+        click.option("--system-template", metavar="TEXT", help="Jinja2 template of a system message for each row."),
+        click.option("--id-column", metavar="NAME", help="Column holding each row's id [default: from its content]."),
+        click.option("--strict", is_flag=True, help="Unknown chat parameters are errors, not warnings."),
+        click.option(
             "--base-url",
             envvar=BASE_URL_ENV,
             default=DEFAULT_BASE_URL,
@@ -232,6 +243,13 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         if opts["out_dir"] is None and spec.out is not None:
             opts["out_dir"] = spec.out
         inputs, job_name, chat = spec.inputs, spec.name, spec.chat
+        if opts.get("strict") and spec.warnings:
+            raise InputError("\n".join(w + " (--strict)" for w in spec.warnings))
+        for warning in spec.warnings:
+            click.echo(f"batchgate: warning: {warning}", err=True)
+    if opts.get("template") is not None and opts.get("prompt_text") is not None:
+        raise InputError("give either --template FILE or --prompt TEXT, not both")
+    template = opts.get("template") if opts.get("template") is not None else opts.get("prompt_text")
     out_dir: Path = opts["out_dir"] or Path("reports") / (job_name or inputs[0].stem)
     shard = _shard(opts.get("shard"), opts.get("shards"))
     if shard is not None:
@@ -260,6 +278,10 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         system_prompt=system,
         samples=opts.get("samples") or 1,
         shard=shard,
+        template=template,
+        system_template=opts.get("system_template"),
+        id_column=opts.get("id_column"),
+        strict=bool(opts.get("strict")),
         json_schema=_read_schema(opts.get("json_schema")),
         json_mode=opts.get("json_mode") or "json_schema",
         reask=opts.get("reask") or 0,

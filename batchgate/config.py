@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "load_api_key", "public_settings"]
+__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "input_options", "load_api_key", "public_settings"]
 
 DEFAULT_BASE_URL = "https://api.gonkagate.com/v1"
 KEY_ENV = "GONKAGATE_API_KEY"
@@ -36,6 +36,10 @@ class RunConfig:
     jobs: list[str] | None = None  # job name per input (default: each file's stem)
     chat_defaults: dict[str, Any] = field(default_factory=dict)  # merged under every line's own parameters
     system_prompt: str | None = None  # prepended to messages that have no system message
+    template: str | Path | None = None  # Jinja2 text (str) or file (Path): INPUTS are tables rendered per row
+    system_template: str | Path | None = None
+    id_column: str | None = None  # the table column holding each row's id (else one from its content)
+    strict: bool = False  # unknown chat parameters are errors, not warnings
     samples: int = 1  # independent answers per prompt, each its own row keyed by (id, sample)
     shard: tuple[int, int] | None = None  # (k, n): run only the ids whose hash falls in shard k of n (1-based k)
     default_max_tokens: int = 4096  # what the API assumes when a request names none (GonkaGate's default)
@@ -85,3 +89,15 @@ def public_settings(config: RunConfig) -> dict[str, Any]:
         value = getattr(config, name)
         out[name] = str(value) if isinstance(value, Path) else value
     return out
+
+
+def input_options(config: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of ``jobs.validate`` / ``jobs.iter_records`` a run's config implies."""
+    return {
+        "default_model": config.default_model,
+        "jobs": config.jobs,
+        "template": config.template,
+        "system_template": config.system_template,
+        "id_column": config.id_column,
+        "strict": config.strict,
+    }

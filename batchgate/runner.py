@@ -28,7 +28,7 @@ import orjson
 from . import jobs
 from .accounting import Accounts, combine_charges
 from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
-from .config import RunConfig, public_settings
+from .config import RunConfig, input_options, public_settings
 from .errors import (
     ApiError,
     AuthError,
@@ -143,15 +143,17 @@ class Runner:
         """
         cfg = self.config
         if self.records is None:
-            report = jobs.validate(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+            report = jobs.validate(self.inputs, **self._input_options())
             if not report.ok():
                 raise InputError(report.format())
+            if report.warnings:
+                self.notices.append(report.format_warnings())
             if cfg.shard is None:
                 self.total = report.records * cfg.samples
             else:
                 self.total = cfg.samples * sum(
                     1
-                    for r in jobs.iter_records(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+                    for r in jobs.iter_records(self.inputs, **self._input_options())
                     if in_shard(r.id, cfg.shard)
                 )
         else:
@@ -216,6 +218,9 @@ class Runner:
             raise self._ledger_error
         return self.summary
 
+    def _input_options(self) -> dict[str, Any]:
+        return input_options(self.config)
+
     def _write_run_file(self, *, finished: bool) -> None:
         """``runs/<run_id>.json`` (and ``run.json``, the latest): inputs, effective config, summary."""
         doc = {
@@ -254,7 +259,7 @@ class Runner:
         source: Iterable[PromptRecord] = (
             self.records
             if self.records is not None  # an empty sample runs nothing, not everything
-            else jobs.iter_records(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+            else jobs.iter_records(self.inputs, **self._input_options())
         )
         if cfg.shard is not None:
             source = (r for r in source if in_shard(r.id, cfg.shard))

@@ -223,3 +223,16 @@ def test_the_resume_index_covers_the_ledger_and_a_hand_edit_makes_it_rebuild(tmp
     (tmp_path / INDEX_NAME).write_bytes(b"garbage")
     index = Ledger(tmp_path).open()
     assert not index.from_cache and index.rows == 51
+
+
+async def test_a_table_with_a_template_runs_and_an_edited_cell_is_asked_again(tmp_path: Path) -> None:
+    table = tmp_path / "rows.csv"
+    table.write_text("key,text\na,water cycle\nb,photosynthesis\n")
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        cfg = config(out, sim.base_url, template="Explain {{ text }} briefly.", id_column="key")
+        first = await Runner([table], cfg).run()
+        table.write_text("key,text\na,water cycle\nb,plate tectonics\n")
+        second = await Runner([table], cfg).run()
+    assert (first.ok, second.requests, second.stale, second.skipped) == (2, 1, 1, 1)
+    assert sorted(r["id"] for r in rows(out)) == ["a", "b", "b"]
