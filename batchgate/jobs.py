@@ -212,19 +212,25 @@ def iter_records(
     system_template: Template | None = None,
     id_column: str | None = None,
     strict: bool = False,
+    start: tuple[int, int] | None = None,
 ) -> Iterator[PromptRecord]:
     """Yield records lazily in file order, for a run whose input already passed ``validate``.
 
-    Takes the same arguments as ``validate``.  Raises ``InputError`` now for a missing or
-    unreadable path (or a bad template), and during iteration on the first bad line or row.
+    Takes the same arguments as ``validate``; ``start`` = (input index, line) skips everything
+    before it (a resume that knows all of that is done), without parsing the JSONL lines it skips.
+    Raises ``InputError`` now for a missing or unreadable path (or a bad template), and during
+    iteration on the first bad line or row.
     """
     ctx = _context(default_model, template, system_template, id_column, strict)
-    return _iter_records(_inputs(paths, jobs, ctx), ctx)
+    return _iter_records(_inputs(paths, jobs, ctx), ctx, start or (0, 0))
 
 
-def _iter_records(inputs: list[_Source], ctx: _Context) -> Iterator[PromptRecord]:
-    for src in inputs:
-        for n, res in _rows(src, ctx):
+def _iter_records(inputs: list[_Source], ctx: _Context, start: tuple[int, int] = (0, 0)) -> Iterator[PromptRecord]:
+    first, line = start
+    for i, src in enumerate(inputs):
+        if i < first:
+            continue
+        for n, res in _rows(src, ctx, line if i == first else 0):
             if res is None:
                 continue
             if isinstance(res, _LineProblem):
@@ -532,8 +538,6 @@ def _sniff(path: str, read_path: str, tables: bool) -> tuple[str | None, str]:
     return compression, "jsonl" if first in (b"{", b"") else "csv"
 
 
-
-
 def _needs_template(path: str, kind: str) -> str:
     return (
         f"{path}: is {_TABLE_KINDS[kind]}: pass --template FILE or --prompt TEXT "
@@ -654,21 +658,30 @@ def _read_lines(src: _Source) -> Iterator[tuple[int, bytes]]:
         raise _Broken(f"the {src.compression} data is corrupt or cut short after line {n} ({exc})") from None
 
 
-def _rows(src: _Source, ctx: _Context) -> Iterator[tuple[int, _Parsed | _LineProblem | None]]:
-    """Every line or row of one input, parsed or with its problem; 0 is a problem with the whole input."""
+def _rows(src: _Source, ctx: _Context, skip_before: int = 0) -> Iterator[tuple[int, _Parsed | _LineProblem | None]]:
+    """Every line or row of one input, parsed or with its problem; 0 is a problem with the whole input.
+
+    Lines numbered below ``skip_before`` are passed over unparsed (rows of tables are read, not yielded).
+    """
     if src.kind in ("csv", "tsv", "parquet"):
-        yield from _table_rows(src, ctx)
+        for n, res in _table_rows(src, ctx):
+            if n >= skip_before or n == 0:
+                yield n, res
         return
     n = 0
     try:
         if src.kind == "prompts":
             for n, raw in _read_lines(src):
+                if n < skip_before:
+                    continue
                 try:
                     yield n, _parse(raw, n == 1, ctx)
                 except _LineProblem as exc:
                     yield n, exc
         else:
             for n, raw in _read_lines(src):
+                if n < skip_before:
+                    continue
                 try:
                     yield n, _parse_row_line(raw, n == 1, ctx)
                 except _LineProblem as exc:
