@@ -309,14 +309,15 @@ class Runner:
         """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed)."""
         s = self.summary
         comp: Completion | None = outcome.completion
-        usage = (comp.usage if comp else None) or {}
+        usage = comp.usage if comp else None
+        confirmed = usage is not None and usage.confirmed  # malformed usage: book nothing, estimate instead
         cut_tokens = outcome.cut_tokens
-        if comp is not None and not usage and comp.received_tokens:
+        if comp is not None and not confirmed and comp.received_tokens:
             cut_tokens += comp.received_tokens  # [DONE] without a usage chunk: nothing confirms the cost
-        total_cost = usage.get("total_cost_usd") or 0.0
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
-        if usage and prompt_tokens is not None and completion_tokens is not None:
+        total_cost = (usage.total_cost_usd if usage and confirmed else None) or 0.0
+        prompt_tokens = usage.prompt_tokens if usage else None
+        completion_tokens = usage.completion_tokens if usage else None
+        if confirmed and prompt_tokens is not None and completion_tokens is not None:
             self.prices.learn(rec.model, prompt_tokens, completion_tokens, total_cost, rec.prompt_chars)
             if completion_tokens > self._longest_completion.get(rec.model, 0):
                 self._longest_completion[rec.model] = completion_tokens
@@ -340,9 +341,9 @@ class Runner:
             "finish_reason": comp.finish_reason if comp else None,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
-            "total_tokens": usage.get("total_tokens"),
-            "base_cost_usd": usage.get("base_cost_usd") or 0.0,
-            "platform_fee_usd": usage.get("platform_fee_usd") or 0.0,
+            "total_tokens": usage.total_tokens if usage else None,
+            "base_cost_usd": (usage.base_cost_usd if usage and confirmed else None) or 0.0,
+            "platform_fee_usd": (usage.platform_fee_usd if usage and confirmed else None) or 0.0,
             "total_cost_usd": total_cost,
             "unconfirmed_completion_tokens": cut_tokens,
             "unconfirmed_cost_usd": unconfirmed,
