@@ -260,7 +260,7 @@ class _BadChunk(Exception):
 class _Acc:
     """One choice being assembled."""
 
-    __slots__ = ("content", "finish", "reasoning", "refusal", "tools")
+    __slots__ = ("content", "extra_chars", "extra_pieces", "finish", "reasoning", "refusal", "tools")
 
     def __init__(self) -> None:
         self.content: list[str] = []
@@ -268,6 +268,8 @@ class _Acc:
         self.refusal: list[str] | None = None
         self.tools: dict[int, list[Any]] | None = None  # index -> [id, type, name parts, argument parts]
         self.finish: str | None = None
+        self.extra_chars = 0  # reasoning, refusal and tool-call characters (content is counted at the end)
+        self.extra_pieces = 0
 
     def choice(self, index: int) -> Choice:
         tools = None
@@ -289,6 +291,37 @@ class _Acc:
             tools,
             self.finish,
         )
+
+
+def _tally(accs: dict[int, _Acc]) -> tuple[int, int]:
+    """(characters, text pieces) received so far, over all choices; counted here, not per chunk."""
+    chars = pieces = 0
+    for acc in accs.values():
+        chars += sum(map(len, acc.content)) + acc.extra_chars
+        pieces += len(acc.content) + acc.extra_pieces
+    return chars, pieces
+
+
+def _diagnose(payload: bytes) -> str | None:
+    """What is wrong with a chunk the fast loop choked on, in words (slow; only on failure)."""
+    try:
+        obj = _loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return f"a data event is a JSON {type(obj).__name__}, not an object"
+    choices = obj.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        return f"choices is a {type(choices).__name__}, not a list"
+    for i, ch in enumerate(choices or ()):
+        if ch is None:
+            continue
+        if not isinstance(ch, dict):
+            return f"choices[{i}] is a {type(ch).__name__}, not an object"
+        delta = ch.get("delta")
+        if delta and not isinstance(delta, dict):
+            return f"choices[{i}].delta is a {type(delta).__name__}, not an object"
+    return None
 
 
 def _text_of(value: Any, what: str) -> str:
@@ -345,6 +378,9 @@ def _extras(acc: _Acc, delta: dict[str, Any]) -> int:
         for call in calls:
             if call is not None:
                 n += _tool_piece(acc.tools, call)
+    if n:
+        acc.extra_chars += n
+        acc.extra_pieces += 1
     return n
 
 
@@ -426,19 +462,18 @@ async def stream_completion(
             max_chars = limits.max_answer_chars
         if limits.deadline_s is not None:
             timer = asyncio.get_running_loop().call_at(started + limits.deadline_s, _expire, watched)
-    accs: dict[int, _Acc] = {}
+    acc0 = _Acc()
+    accs: dict[int, _Acc] = {0: acc0}
     usage_raw: Any = None
     warnings: list[str] = []
     ttft: float | None = None
-    chars = 0
-    pieces = 0
     events_seen = 0
     done = False
     request_id: str | None = None
 
     def consume(payloads: list[bytes]) -> None:
         # The per-event hot path: one orjson.loads and a few dict lookups for a plain content delta.
-        nonlocal usage_raw, ttft, chars, pieces, events_seen, done
+        nonlocal usage_raw, ttft, done
         try:
             for payload in payloads:
                 if payload == b"[DONE]":
@@ -447,44 +482,33 @@ async def stream_completion(
                 if not payload:
                     continue
                 obj = _loads(payload)
-                if obj.__class__ is not dict:
-                    if obj is None:
-                        continue  # "data: null": nothing to take
-                    raise _BadChunk(f"a data event is a JSON {type(obj).__name__}, not an object")
-                events_seen += 1
+                if obj is None:
+                    continue  # "data: null": nothing to take
+                # Wrong types fail on their own below (AttributeError, TypeError) and _diagnose
+                # names what was wrong: cheaper than checking every type of every chunk.
                 choices = obj.get("choices")
                 if choices:
-                    if choices.__class__ is not list:
-                        raise _BadChunk(f"choices is a {type(choices).__name__}, not a list")
                     for ch in choices:
-                        if ch.__class__ is not dict:
-                            if ch is None:
-                                continue
-                            raise _BadChunk(f"a choice is a {type(ch).__name__}, not an object")
+                        if ch is None:
+                            continue  # "choices": [null]
                         index = ch.get("index", 0)
-                        acc = accs.get(index) if index.__class__ is int else None
-                        if acc is None:
-                            acc = _new_acc(accs, index)
+                        if index == 0:
+                            acc = acc0
+                        else:
+                            acc = accs.get(index) if index.__class__ is int else None  # type: ignore[assignment]
+                            if acc is None:
+                                acc = _new_acc(accs, index)
                         delta = ch.get("delta")
                         if delta:
-                            if delta.__class__ is not dict:
-                                raise _BadChunk(f"delta is a {type(delta).__name__}, not an object")
                             text = delta.get("content")
                             if text:
                                 if text.__class__ is not str:
                                     text = _text_of(text, "delta.content")
                                 acc.content.append(text)
-                                chars += len(text)
-                                pieces += 1
                                 if ttft is None:
                                     ttft = _monotonic() - started
-                            if text is None or len(delta) != 1:
-                                n = _extras(acc, delta)
-                                if n:
-                                    chars += n
-                                    pieces += 1
-                                    if ttft is None:
-                                        ttft = _monotonic() - started
+                            if (text is None or len(delta) != 1) and _extras(acc, delta) and ttft is None:
+                                ttft = _monotonic() - started
                         reason = ch.get("finish_reason")
                         if reason:
                             if reason.__class__ is not str:
@@ -497,18 +521,23 @@ async def stream_completion(
                     if usage_raw is not None and u != usage_raw and "usage_twice" not in warnings:
                         warnings.append("usage_twice")
                     usage_raw = u
-                err = obj.get("error")
-                if err:
-                    raise _MidStream(err)
+                if "error" in obj:
+                    err = obj["error"]
+                    if err:  # "error": null is not an error
+                        raise _MidStream(err)
         except (_BadChunk, _MidStream):
             raise
         except orjson.JSONDecodeError as exc:
             raise _BadChunk(f"a chunk is not JSON ({exc})") from None
         except (AttributeError, TypeError, IndexError, KeyError, ValueError, RecursionError) as exc:
-            raise _BadChunk(f"{type(exc).__name__}: {exc}") from None
+            raise _BadChunk(_diagnose(payload) or f"{type(exc).__name__}: {exc}") from None
 
     def result() -> Completion:
-        choices = [acc.choice(i) for i, acc in sorted(accs.items())] if accs else [Choice(0)]
+        if len(accs) > 1:
+            accs_sorted = dict(sorted(accs.items()))
+            accs.clear()
+            accs.update(accs_sorted)
+        choices = [acc.choice(i) for i, acc in accs.items()]
         usage = parse_usage(usage_raw) if usage_raw is not None else None
         raw = None
         warns = warnings
@@ -517,6 +546,10 @@ async def stream_completion(
                 warns = [*warnings, *usage.warnings]
             if not usage.confirmed:
                 raw = usage_raw
+        chars = pieces = 0
+        for choice, acc in zip(choices, accs.values(), strict=True):  # the joined text is at hand: no second pass
+            chars += len(choice.content) + acc.extra_chars
+            pieces += len(acc.content) + acc.extra_pieces
         return Completion(choices, usage, raw, ttft, chars, events_seen, request_id, warns, pieces)
 
     def failure(cls: type[ApiError], message: str, **kw: Any) -> ApiError:
@@ -524,8 +557,8 @@ async def stream_completion(
         return cls(
             message,
             request_id=kw.pop("request_id", request_id),
-            received_tokens=pieces,
-            received_chars=chars,
+            received_tokens=part.received_tokens,
+            received_chars=part.received_chars,
             content=part.content,
             partial=part,
             secrets=session_secrets(session, headers),
@@ -540,20 +573,29 @@ async def stream_completion(
             decoder = SSEDecoder(max_event)
             feed = decoder.feed
             took_data = decoder.took_data
+            # Characters received never exceed bytes received, so the exact count (a pass over
+            # the pieces) is only needed once the bytes could have passed the cap; it then tells
+            # how many more bytes can come before the next count.
+            nbytes = 0
+            check_at = max_chars
             async for raw in resp.content.iter_any():
                 events = feed(raw)
                 if events:
                     if done:
                         continue  # data after [DONE] is ignored
                     watched.last = _monotonic()
+                    events_seen += len(events)
                     consume(events)
-                    if chars > max_chars:
-                        cap = limits.max_answer_chars if limits else None
-                        raise failure(
-                            AnswerTooLong,
-                            f"answer cut at {chars} characters, past its cap of {cap}"
-                            " (the server may be ignoring max_tokens)",
-                        )
+                    nbytes += len(raw)
+                    if nbytes > check_at:
+                        chars = _tally(accs)[0]
+                        if chars > max_chars:
+                            raise failure(
+                                AnswerTooLong,
+                                f"answer cut at {chars} characters, past its cap of {max_chars:.0f}"
+                                " (the server may be ignoring max_tokens)",
+                            )
+                        check_at = nbytes + (max_chars - chars)
                 elif took_data():
                     watched.last = _monotonic()  # part of a data line: progress; a comment is not
             if not done:
@@ -573,6 +615,7 @@ async def stream_completion(
                 ) from None
             # else: [DONE] had arrived and only the close was late; the answer is complete.
         else:
+            chars, pieces = _tally(accs)
             exc.received_tokens = pieces  # type: ignore[attr-defined]  # the runner shows it as unconfirmed
             exc.received_chars = chars  # type: ignore[attr-defined]
             raise

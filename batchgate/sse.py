@@ -25,7 +25,7 @@ class SSEOverflow(ValueError):
 class SSEDecoder:
     """Feed bytes as they arrive; get back the ``data`` payload of every completed event."""
 
-    __slots__ = ("_data", "_dlen", "_max", "_parts", "_pending_cr", "_plen", "_progress")
+    __slots__ = ("_data", "_dlen", "_mark", "_max", "_parts", "_pending_cr", "_plen")
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._parts: list[bytes] = []  # the pieces of the line whose end has not arrived yet
@@ -33,7 +33,7 @@ class SSEDecoder:
         self._data: list[bytes] = []  # the data lines of the event being read
         self._dlen = 0
         self._pending_cr = False
-        self._progress = False
+        self._mark = 0  # data lines pending when the last read began: took_data() compares
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -63,6 +63,7 @@ class SSEDecoder:
                 self._pending_cr = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         parts = self._parts
+        self._mark = len(self._data)
         if b"\n" not in chunk:
             if chunk:
                 self._plen += len(chunk)
@@ -88,14 +89,12 @@ class SSEDecoder:
         return self._lines(lines)
 
     def took_data(self) -> bool:
-        """Whether data arrived since the last event was dispatched (or the last call): progress, not a comment.
+        """Whether the last read, which completed no event, carried ``data`` lines or part of one.
 
-        For a read that completed no event: True when it carried ``data`` lines or part of one.
+        That is progress; a read of comments (``: keep-alive``) only is not.
         """
         parts = self._parts
-        progress = self._progress or (bool(parts) and b"data".startswith(parts[0][:4]))
-        self._progress = False
-        return progress
+        return len(self._data) > self._mark or (bool(parts) and b"data".startswith(parts[0][:4]))
 
     def flush(self) -> list[bytes]:
         """End of stream: dispatch a last event that had no terminating blank line."""
@@ -109,26 +108,32 @@ class SSEDecoder:
     def _lines(self, lines: list[bytes]) -> list[bytes]:
         out: list[bytes] = []
         data = self._data
+        dlen = self._dlen  # bytes of a multi-line event so far (0 while it has one line)
         for line in lines:
             if not line:
                 if data:
                     out.append(data[0] if len(data) == 1 else b"\n".join(data))
                     data.clear()
-                    self._dlen = 0
-                    self._progress = False
+                    dlen = 0
             elif line[:5] == b"data:":
                 piece = line[6:] if line[5:6] == b" " else line[5:]
-                self._dlen += len(piece) + 1
-                if self._dlen > self._max:
-                    data.clear()
-                    self._dlen = 0
-                    raise SSEOverflow(f"an SSE event is larger than {self._max} bytes")
+                if data:  # a second data line: only then can an event outgrow its lines
+                    dlen = (dlen or len(data[0])) + len(piece) + 1
+                    if dlen > self._max:
+                        data.clear()
+                        self._dlen = 0
+                        raise SSEOverflow(f"an SSE event is larger than {self._max} bytes")
                 data.append(piece)
-                self._progress = True
             elif line[:1] == b":":
                 continue  # comment / keep-alive
             elif line == b"data":
+                if data:
+                    dlen = (dlen or len(data[0])) + 1
+                    if dlen > self._max:
+                        data.clear()
+                        self._dlen = 0
+                        raise SSEOverflow(f"an SSE event is larger than {self._max} bytes")
                 data.append(b"")
-                self._progress = True
             # event:, id:, retry: and unknown fields carry nothing we act on.
+        self._dlen = dlen
         return out

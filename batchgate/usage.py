@@ -19,8 +19,6 @@ from typing import Any
 
 __all__ = ["Usage", "parse_usage", "to_number"]
 
-_TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
-_COST_FIELDS = ("base_cost_usd", "platform_fee_usd", "total_cost_usd")
 #: base + fee may differ from total by this much (relative) before it is called a mismatch: servers round each.
 _REL_TOL = 1e-3
 _ABS_TOL = 1e-8
@@ -47,6 +45,8 @@ class Usage:
 
 def to_number(value: Any) -> float | None:
     """A finite non-negative number from a number or numeric string; None when absent; raises ValueError if bad."""
+    if value.__class__ is float and math.isfinite(value) and value >= 0:
+        return float(value)  # the common case, first
     if value is None:
         return None
     if isinstance(value, bool):
@@ -78,41 +78,43 @@ def _tokens(value: Any) -> int | None:
     return int(x)
 
 
+def _read(raw: dict[str, Any], name: str, conv: Any, bad: list[str]) -> Any:
+    try:
+        return conv(raw.get(name))
+    except (ValueError, OverflowError):
+        bad.append(name)
+        return None
+
+
 def parse_usage(raw: Any) -> Usage:
     """Validate a server's usage block; never raises."""
-    out = Usage()
     if not isinstance(raw, dict):
-        out.warnings.append("usage_malformed")
-        return out
-    malformed = False
-    for name in _TOKEN_FIELDS:
-        try:
-            setattr(out, name, _tokens(raw.get(name)))
-        except (ValueError, OverflowError):
-            malformed = True
-    for name in _COST_FIELDS:
-        try:
-            setattr(out, name, to_number(raw.get(name)))
-        except ValueError:
-            malformed = True
-    if out.total_tokens is None and out.prompt_tokens is not None and out.completion_tokens is not None:
-        out.total_tokens = out.prompt_tokens + out.completion_tokens
-    base, fee, total = out.base_cost_usd, out.platform_fee_usd, out.total_cost_usd
-    if malformed:
-        out.warnings.append("usage_malformed")
-        out.cost_status = "unconfirmed"
+        return Usage(warnings=["usage_malformed"])
+    bad: list[str] = []
+    prompt = _read(raw, "prompt_tokens", _tokens, bad)
+    completion = _read(raw, "completion_tokens", _tokens, bad)
+    tokens = _read(raw, "total_tokens", _tokens, bad)
+    base = _read(raw, "base_cost_usd", to_number, bad)
+    fee = _read(raw, "platform_fee_usd", to_number, bad)
+    total = _read(raw, "total_cost_usd", to_number, bad)
+    if tokens is None and prompt is not None and completion is not None:
+        tokens = prompt + completion
+    warnings: list[str] = []
+    if bad:
+        warnings.append("usage_malformed")
+        status = "unconfirmed"
     elif total is not None:
-        out.cost_status = "confirmed"
+        status = "confirmed"
         if (
             base is not None
             and fee is not None
             and not math.isclose(total, base + fee, rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
         ):
-            out.warnings.append("total_mismatch")
+            warnings.append("total_mismatch")
     elif base is not None and fee is not None:
-        out.total_cost_usd = base + fee
-        out.cost_status = "derived"
+        total = base + fee
+        status = "derived"
     else:
-        out.warnings.append("cost_missing")
-        out.cost_status = "unconfirmed"
-    return out
+        warnings.append("cost_missing")
+        status = "unconfirmed"
+    return Usage(prompt, completion, tokens, base, fee, total, status, warnings)
