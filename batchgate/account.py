@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .client import session_secrets
+from .client import read_capped, session_secrets
 from .errors import AuthError, ConnectFailed
 from .usage import to_number
 
@@ -70,7 +70,7 @@ async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tu
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(sock_connect or timeout_s, timeout_s))
     try:
         async with session.get(url, headers=_JSON, allow_redirects=False, timeout=timeout) as resp:
-            raw = await resp.content.read(_MAX_BODY)
+            raw = await read_capped(resp, _MAX_BODY)
             headers = {"x-request-id": resp.headers.get("x-request-id", "")}
             try:
                 body = orjson.loads(raw) if raw else None

@@ -703,7 +703,7 @@ async def _http_error(resp: aiohttp.ClientResponse, secrets: Iterable[str], requ
             secrets=secrets,
         )
     try:
-        raw = await resp.content.read(_ERROR_BODY_BYTES)
+        raw = await read_capped(resp, _ERROR_BODY_BYTES)
     except (TimeoutError, aiohttp.ClientError):
         raw = b""
     message, code, kind = _error_fields(raw)
@@ -718,6 +718,17 @@ async def _http_error(resp: aiohttp.ClientResponse, secrets: Iterable[str], requ
             message, status=status, code=code, retry_after=retry_after, request_id=request_id, secrets=secrets
         )
     return cls(message, status=status, code=code, request_id=request_id, secrets=secrets)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body up to ``cap`` bytes (a hostile error body cannot fill memory); one read may return less."""
+    buf = bytearray()
+    while len(buf) < cap:
+        piece = await resp.content.read(cap - len(buf))
+        if not piece:
+            break
+        buf += piece
+    return bytes(buf)
 
 
 def _error_fields(raw: bytes) -> tuple[str, str | None, str | None]:

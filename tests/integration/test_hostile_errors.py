@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -223,3 +225,44 @@ async def test_a_refused_port_is_a_fast_connect_failure() -> None:
     with pytest.raises(ConnectFailed, match=f"127.0.0.1:{port}"):
         await attempt(f"http://127.0.0.1:{port}/v1/chat/completions")
     assert time.monotonic() - t0 < 2.0
+
+
+async def test_an_error_body_in_many_pieces_is_read_whole(aiohttp_server: Any) -> None:
+    body = orjson.dumps({"error": {"message": "x" * 200, "code": "insufficient_quota"}})
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=429, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 16):
+            await resp.write(body[i : i + 16])
+            await asyncio.sleep(0.002)
+        await resp.write_eof()
+        return resp
+
+    with pytest.raises(QuotaExhausted):
+        await attempt(await serve(aiohttp_server, slow))
+
+
+async def test_a_black_holed_host_is_a_connect_failure_within_the_connect_timeout() -> None:
+    # A listener that never accepts, its backlog filled: the kernel drops further SYNs, as a black hole does.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        t0 = time.monotonic()
+        async with make_session(KEY, concurrency=1, connect_timeout_s=0.3) as session:
+            with pytest.raises(ConnectFailed):
+                await stream_completion(session, f"http://127.0.0.1:{port}/v1/chat/completions", BODY)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
