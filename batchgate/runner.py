@@ -27,7 +27,15 @@ import orjson
 
 from . import jobs, resume
 from .accounting import Accounts, combine_charges
-from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
+from .client import (
+    AttemptLimits,
+    Completion,
+    ConnectFailed,
+    StallWatch,
+    make_session,
+    request_headers,
+    stream_completion,
+)
 from .config import RunConfig, input_options, public_settings
 from .errors import (
     ApiError,
@@ -376,6 +384,7 @@ class Runner:
         intents = self._intents
         headers = request_headers(rec.id)
         key = row_key(rec.id, rec.sample)
+        limits = self._limits(body_obj)
         tries = 0
 
         def attempt_with(body: bytes, worst: float | None) -> Callable[[], Awaitable[Completion]]:
@@ -387,7 +396,7 @@ class Runner:
                         self.retrying = max(0, self.retrying - 1)
                     tries += 1
                     intents.started(key, tries, fingerprint, worst)
-                    return await stream_completion(session, url, body, headers, watch)
+                    return await stream_completion(session, url, body, headers, watch, limits=limits)
                 except RetryableError:
                     self.retrying += 1
                     raise
@@ -487,15 +496,26 @@ class Runner:
         body["stream_options"] = _STREAM_OPTIONS
         return body
 
-    def _worst_case(self, rec: PromptRecord, body: dict[str, Any]) -> float | None:
-        """What the server could bill for this request at most: its max_tokens, else the API's default."""
+    def _max_tokens(self, body: dict[str, Any]) -> int:
+        """The completion tokens the server may send: the request's max_tokens, else the API's default, x n."""
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             max_tokens = self.config.default_max_tokens
         n = body.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:
             max_tokens *= n
-        return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, max_tokens)
+        return int(max_tokens)
+
+    def _limits(self, body: dict[str, Any]) -> AttemptLimits:
+        """Every attempt ends: a deadline at a slow but sane pace, and a cap on what an answer may hold."""
+        tokens = self._max_tokens(body)
+        cfg = self.config
+        deadline = cfg.attempt_deadline_s or (60.0 + tokens / cfg.min_tokens_per_s)
+        return AttemptLimits(deadline_s=deadline, max_answer_chars=tokens * 4 * 16)  # 4x max_tokens, 16 chars each
+
+    def _worst_case(self, rec: PromptRecord, body: dict[str, Any]) -> float | None:
+        """What the server could bill for this request at most: its max_tokens, else the API's default."""
+        return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, self._max_tokens(body))
 
     async def _admit(self, rec: PromptRecord, worst: float | None) -> float | None:
         """Reserve the prompt's worst case under --max-cost; None when the budget stops the run.
