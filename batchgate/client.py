@@ -303,6 +303,8 @@ async def _http_error(resp: aiohttp.ClientResponse) -> ApiError:
         raw = b""
     message = _error_message(raw) or resp.reason or "no message"
     if status == 429:
+        if _error_code(raw) == "insufficient_quota":  # GonkaGate's current form of "balance spent"
+            return InsufficientBalance(message, status=status)
         return RateLimited(message, status=status, retry_after=parse_retry_after(resp.headers.get("Retry-After")))
     if status >= 500:
         return ServerError(message, status=status)
@@ -313,6 +315,15 @@ async def _http_error(resp: aiohttp.ClientResponse) -> ApiError:
     if status == 402:
         return InsufficientBalance(message, status=status)
     return BadRequest(message, status=status)
+
+
+def _error_code(raw: bytes) -> object:
+    try:
+        obj = _loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    return err.get("code") if isinstance(err, dict) else None
 
 
 def _error_message(raw: bytes) -> str:
