@@ -626,7 +626,7 @@ def _choice(
     extra = random.Random(seed ^ 0x5EED) if reasoning or req.tools or config.long_answer_rate > 0 else rng
     want = natural
     if config.long_answer_rate > 0 and extra.random() < config.long_answer_rate:
-        want = max(want, limit)
+        want = max(want, limit + 1)  # it would go on: cut at the cap, "length"
     elif growth_steps:
         want = max(want, round(natural * config.growth_factor**growth_steps))
     budget = limit

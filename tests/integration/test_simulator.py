@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import os
@@ -1030,3 +1031,207 @@ async def test_usage_position_is_seeded_per_request(session: aiohttp.ClientSessi
     first = await positions(1)
     assert set(first) == {True, False}
     assert await positions(1) == first and await positions(2) != first
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+async def test_openai_sdk_reads_reasoning_tool_calls_and_several_choices(rate: float) -> None:
+    async with (
+        running_simulator(SimulatorConfig(seed=5, separate_usage_rate=rate)) as sim,
+        openai.AsyncOpenAI(base_url=sim.base_url, api_key="gp-test", max_retries=0) as client,
+    ):
+        messages: Any = [{"role": "user", "content": "Think, then look it up"}]
+        stream = await client.chat.completions.create(model=REASONER, messages=messages, stream=True, tools=TOOLS, n=2)
+        reasoning: dict[int, str] = collections.defaultdict(str)
+        args: dict[tuple[int, int], str] = collections.defaultdict(str)
+        names: dict[tuple[int, int], str] = {}
+        finish: dict[int, str] = {}
+        usages = []
+        async for chunk in stream:
+            for choice in chunk.choices:
+                reasoning[choice.index] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+                for call in choice.delta.tool_calls or ():
+                    assert call.function is not None
+                    if call.function.name:
+                        names[choice.index, call.index] = call.function.name
+                    args[choice.index, call.index] += call.function.arguments or ""
+                if choice.finish_reason:
+                    finish[choice.index] = choice.finish_reason
+            if chunk.usage:
+                usages.append(chunk.usage)
+        completion = await client.chat.completions.create(model=REASONER, messages=messages, tools=TOOLS, n=2)
+
+    streamed, answered = sim.billing.records
+    [usage] = usages
+    assert usage.completion_tokens == streamed["completion_tokens"]
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    for i, choice in enumerate(streamed["choices"]):
+        assert reasoning[i] == choice["reasoning"] and reasoning[i]
+        assert [args[i, c["index"]] for c in choice["tool_calls"]] == [
+            c["function"]["arguments"] for c in choice["tool_calls"]
+        ]
+        assert [names[i, c["index"]] for c in choice["tool_calls"]] == [
+            c["function"]["name"] for c in choice["tool_calls"]
+        ]
+    assert [c.index for c in completion.choices] == [0, 1]
+    for choice, billed in zip(completion.choices, answered["choices"], strict=True):
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        assert [c.function.arguments for c in choice.message.tool_calls] == [  # type: ignore[union-attr]
+            c["function"]["arguments"] for c in billed["tool_calls"]
+        ]
+        assert (choice.message.model_extra or {})["reasoning_content"] == billed["reasoning"]
+
+
+# -- faults: one total rate, and faults inside rich answers -----------------------------------------
+
+
+async def test_fault_rate_is_a_total_split_over_the_five_faults(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=77, fault_rate=0.2, stall_s=0.0)
+    assert config.fault_rates() == dict.fromkeys(
+        ("rate_limited", "server_error", "reset", "stall", "midstream_error"), pytest.approx(0.04)
+    )
+    total = 1000
+    async with running_simulator(config) as sim:
+        gate = asyncio.Semaphore(50)
+
+        async def one(i: int) -> None:
+            async with gate, session.post(f"{sim.base_url}/chat/completions", json=chat(f"p{i}"), headers=AUTH) as r:
+                await read_until_error(r)
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+    events = sim.billing.events
+    kinds = ("rate_limited", "server_error", "reset", "stall", "midstream_error")
+    assert 150 <= sum(events[k] for k in kinds) <= 250  # 20% in all, not 20% each
+    for kind in kinds:
+        assert 20 <= events[kind] <= 65, (kind, events[kind])
+    with pytest.raises(ValueError):
+        SimulatorConfig(fault_rate=0.6, reset_rate=0.5)
+    with pytest.raises(ValueError):
+        SimulatorConfig(fault_rate=1.5)
+
+
+@pytest.mark.parametrize(
+    ("fault", "body"),
+    [
+        ("reset_rate", chat(model=REASONER)),
+        ("midstream_error_rate", chat(tools=TOOLS)),
+        ("reset_rate", chat(n=3)),
+    ],
+)
+async def test_faults_in_rich_answers_bill_what_was_sent(
+    session: aiohttp.ClientSession, fault: str, body: dict[str, Any]
+) -> None:
+    async with running_simulator(SimulatorConfig(seed=12, **{fault: 1.0})) as sim:
+        for i in range(4):
+            body = {**body, "messages": [{"role": "user", "content": f"question {i}"}]}
+            async with session.post(f"{sim.base_url}/chat/completions", json=body, headers=AUTH) as resp:
+                raw, _ = await read_until_error(resp)
+            events, _ = parse_sse(raw)
+            assert "[DONE]" not in events and not any(isinstance(e, dict) and "usage" in e for e in events)
+            record = sim.billing.records[-1]
+            assert record["status"] == "cut" and record["fault"] == fault.removesuffix("_rate")
+            sent = sum(
+                tokens_in(content_of(events, c)) + tokens_in(reasoning_of(events, c)) for c in range(body.get("n", 1))
+            )
+            calls = tool_calls_of(events)
+            sent += sum(1 + math.ceil(len(c["function"]["arguments"]) / 12) for c in calls)
+            assert record["completion_tokens"] == sent >= 1
+            assert record["content"] == content_of(events) and (record["reasoning"] or "") == reasoning_of(events)
+            assert (record["tool_calls"] or []) == [
+                {k: c[k] for k in ("index", "id", "type", "function")} for c in calls
+            ]
+            full = SimulatorConfig(seed=12).costs(record["model"], record["prompt_tokens"], sent)[2]
+            assert record["total_cost_usd"] == full
+
+
+# -- money-test options: prices that step up, answers that grow --------------------------------------
+
+
+async def test_price_steps_every_n_billed_requests(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=1, price_step_every=3, price_step_factor=2.0)
+    async with running_simulator(config) as sim:
+        usages = [usage_of(parse_sse((await post(session, sim.base_url, chat(f"q{i}")))[2])[0]) for i in range(8)]
+    factors = [r["price_factor"] for r in sim.billing.records]
+    assert factors == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 4.0, 4.0]
+    for usage, record, factor in zip(usages, sim.billing.records, factors, strict=True):
+        expected = config.costs(MODEL, usage["prompt_tokens"], usage["completion_tokens"], factor)
+        assert (usage["base_cost_usd"], usage["platform_fee_usd"], usage["total_cost_usd"]) == expected
+        assert record["total_cost_usd"] == usage["total_cost_usd"]
+    assert sim.billing.billed_usd() == math.fsum(u["total_cost_usd"] for u in usages)
+
+
+async def test_price_in_force_when_a_request_was_accepted_is_what_it_pays(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(price_step_every=1, price_step_factor=10.0, token_delay_s=0.01)
+    async with running_simulator(config) as sim:
+        # Four streams accepted before any is billed: all pay the first price.
+        await asyncio.gather(*(post(session, sim.base_url, chat(f"q{i}")) for i in range(4)))
+        await post(session, sim.base_url, chat("later"))
+    assert [r["price_factor"] for r in sim.billing.records] == [1.0] * 4 + [1e4]
+
+
+async def test_ignore_max_tokens_answers_past_the_cap(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=3, ignore_max_tokens=True)) as sim:
+        events = parse_sse((await post(session, sim.base_url, chat(max_tokens=2)))[2])[0]
+    assert usage_of(events)["completion_tokens"] >= 8 and finish_of(events) == "stop"
+    assert sim.billing.records[0]["completion_tokens"] == tokens_in(content_of(events))
+
+
+async def test_long_answers_run_to_max_tokens_or_the_default_cap(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=3, long_answer_rate=1.0, default_max_tokens=300)
+    async with running_simulator(config) as sim:
+        uncapped = parse_sse((await post(session, sim.base_url, chat()))[2])[0]
+        capped = parse_sse((await post(session, sim.base_url, chat(max_tokens=100)))[2])[0]
+    assert usage_of(uncapped)["completion_tokens"] == 300 and finish_of(uncapped) == "length"
+    assert usage_of(capped)["completion_tokens"] == 100 and finish_of(capped) == "length"
+    assert content_of(uncapped).startswith(content_of(capped))
+    async with running_simulator(SimulatorConfig(seed=3, long_answer_rate=0.3)) as some:
+        lengths = [
+            orjson.loads((await post(session, some.base_url, chat(f"q{i}", stream=False)))[2])["usage"][
+                "completion_tokens"
+            ]
+            for i in range(40)
+        ]
+    long = [n for n in lengths if n == 4096]  # GonkaGate's default max_tokens
+    assert 4 <= len(long) <= 24 and all(n <= 64 for n in lengths if n != 4096)
+
+
+async def test_answers_grow_every_n_requests(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(
+        seed=2, growth_every=2, growth_factor=3.0, min_completion_tokens=10, max_completion_tokens=10
+    )
+    async with running_simulator(config) as sim:
+        lengths = [
+            usage_of(parse_sse((await post(session, sim.base_url, chat(f"q{i}")))[2])[0])["completion_tokens"]
+            for i in range(8)
+        ]
+        capped = usage_of(parse_sse((await post(session, sim.base_url, chat(max_tokens=50)))[2])[0])
+    assert lengths == [10, 10, 30, 30, 90, 90, 270, 270]
+    assert capped["completion_tokens"] == 50
+
+
+def test_cli_simulate_flags_reach_the_server(tmp_path: Path) -> None:
+    log = tmp_path / "billing.jsonl"
+    cmd = [
+        sys.executable, "-m", "batchgate", "simulate", "--billing-log", str(log), "--strict-models",
+        "--quota-status", "402", "--balance", "0.00001", "--key-limits", "--key-burst-limit", "3",
+        "--separate-usage-rate", "1", "--models-empty",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+
+        async def probe() -> list[int]:
+            async with aiohttp.ClientSession() as s:
+                statuses = [(await post(s, url, chat(model="no/such-model")))[0]]
+                _, _, raw = await post(s, url, chat())
+                statuses.append(500 if b'"choices":[],"usage"' not in raw else 200)
+                statuses += [(await post(s, url, chat()))[0] for _ in range(2)]
+                statuses.append((await get(s, f"{url}/models", AUTH))[2]["data"] == [])
+                return statuses
+
+        assert asyncio.run(probe()) == [404, 200, 402, 429, True]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
