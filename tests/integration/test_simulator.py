@@ -19,6 +19,8 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchgate.simulator import (
     BILLING_KEY,
@@ -1235,3 +1237,58 @@ def test_cli_simulate_flags_reach_the_server(tmp_path: Path) -> None:
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 5) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Usually a valid value, sometimes any JSON at all."""
+    return st.integers(0, 7).flatmap(lambda k: valid if k else _json)
+
+
+_tool = st.fixed_dictionaries(
+    {"type": mostly(st.just("function")), "function": st.fixed_dictionaries({"name": mostly(st.sampled_from("fg"))})}
+)
+_bodies = st.fixed_dictionaries(
+    {
+        "model": mostly(st.sampled_from([MODEL, REASONER, "x"])),
+        "messages": mostly(
+            st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": mostly(st.text())}), min_size=1)
+        ),
+    },
+    optional={
+        "stream": mostly(st.booleans()),
+        "n": mostly(st.integers(1, 4)),
+        "max_tokens": mostly(st.integers(1, 6)),
+        "tools": mostly(st.lists(_tool, min_size=1, max_size=3)),
+        "tool_choice": mostly(st.sampled_from(["auto", "none", "required"])),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bodies=st.lists(_bodies, min_size=1, max_size=8))
+def test_any_body_gets_an_answer_or_a_400_with_a_string_code(bodies: list[dict[str, Any]]) -> None:
+    async def run() -> None:
+        async with running_simulator(SimulatorConfig(tokens_per_chunk=2)) as sim, aiohttp.ClientSession() as s:
+            # Each body as given and, when it does not say, as a stream too.
+            for body in bodies + [{**b, "stream": True} for b in bodies if "stream" not in b]:
+                status, headers, raw = await post(s, sim.base_url, body)
+                assert headers["x-request-id"].startswith("req_")
+                if status == 400:
+                    assert orjson.loads(raw)["error"]["code"] == "invalid_request_error"
+                    continue
+                assert status == 200, raw
+                if body.get("stream") is True:
+                    events = parse_sse(raw)[0]
+                    assert usage_of(events)["completion_tokens"] == sim.billing.records[-1]["completion_tokens"]
+                else:
+                    answer = orjson.loads(raw)
+                    assert len(answer["choices"]) == body.get("n", 1) or body.get("n") is None
+
+    asyncio.run(run())
