@@ -1292,3 +1292,36 @@ def test_any_body_gets_an_answer_or_a_400_with_a_string_code(bodies: list[dict[s
                     assert len(answer["choices"]) == body.get("n", 1) or body.get("n") is None
 
     asyncio.run(run())
+
+
+async def test_rich_answers_keep_their_content_under_delays_keepalives_and_a_stall(
+    session: aiohttp.ClientSession,
+) -> None:
+    body = chat("Plan a trip", model=REASONER, tools=TOOLS, n=2)
+    async with running_simulator(SimulatorConfig(seed=8, separate_usage_rate=0.0)) as fast:
+        reference = parse_sse((await post(session, fast.base_url, body))[2])[0]
+    config = SimulatorConfig(
+        seed=8,
+        separate_usage_rate=0.0,
+        token_delay_s=0.002,
+        first_token_delay_s=0.05,
+        keepalive_rate=0.5,
+        tokens_per_chunk=2,
+        stall_rate=1.0,
+        stall_s=0.1,
+    )
+    async with running_simulator(config) as slow:
+        started = time.monotonic()
+        status, _, raw = await post(session, slow.base_url, body)
+        elapsed = time.monotonic() - started
+    events, comments = parse_sse(raw)
+    assert status == 200 and comments >= 1 and elapsed >= 0.15
+    for i in range(2):
+        assert content_of(events, i) == content_of(reference, i)
+        assert reasoning_of(events, i) == reasoning_of(reference, i)
+        assert tool_calls_of(events, i) == tool_calls_of(reference, i)
+        assert finish_of(events, i) == finish_of(reference, i)
+    assert usage_of(events) == usage_of(reference)
+    [record] = slow.billing.records
+    assert record["status"] == "completed" and record["fault"] == "stall"
+    assert record["choices"] == fast.billing.records[0]["choices"]
