@@ -539,6 +539,13 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
 # -- simulate ---------------------------------------------------------------------------------------
 
 
+def _statuses(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--server-error-statuses: not a comma-separated list of statuses: {text!r}") from None
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=0, show_default=True, help="0 picks a free port.")
@@ -552,7 +559,13 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
 @click.option("--stall-s", type=float, default=30.0, show_default=True)
 @click.option("--rate-limit-rate", type=float, default=0.0, help="Share of requests answered 429.")
 @click.option("--retry-after", type=float, default=0.05, show_default=True)
-@click.option("--server-error-rate", type=float, default=0.0, help="Share of requests answered 500.")
+@click.option("--server-error-rate", type=float, default=0.0, help="Share of requests answered 5xx.")
+@click.option(
+    "--server-error-statuses",
+    default="500",
+    show_default=True,
+    help="Comma-separated 5xx statuses the server errors pick from (500, 502, 503, 504).",
+)
 @click.option("--midstream-error-rate", type=float, default=0.0, help="Share of streams with an error chunk.")
 @click.option("--min-completion-tokens", type=int, default=8, show_default=True)
 @click.option("--max-completion-tokens", type=int, default=64, show_default=True)
@@ -589,6 +602,7 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
 @click.option("--key-burst-limit", type=int, default=200, show_default=True, help="Requests per burst window per key.")
 @click.option("--key-burst-window", type=float, default=10.0, show_default=True, help="Burst window, seconds.")
 @click.option("--strict-models", is_flag=True, help="Answer 404 model_not_found for a model not in the catalog.")
+@click.option("--account-deactivated", is_flag=True, help="Answer 403 account_deactivated to every /v1 request.")
 @click.option(
     "--models-unavailable",
     type=int,
@@ -630,6 +644,7 @@ def simulate(**opts: Any) -> None:
             rate_limit_rate=opts["rate_limit_rate"],
             retry_after_s=opts["retry_after"],
             server_error_rate=opts["server_error_rate"],
+            server_error_statuses=_statuses(opts["server_error_statuses"]),
             midstream_error_rate=opts["midstream_error_rate"],
             min_completion_tokens=opts["min_completion_tokens"],
             max_completion_tokens=opts["max_completion_tokens"],
@@ -644,6 +659,7 @@ def simulate(**opts: Any) -> None:
             key_burst_limit=opts["key_burst_limit"],
             key_burst_window_s=opts["key_burst_window"],
             strict_models=opts["strict_models"],
+            account_deactivated=opts["account_deactivated"],
             models_unavailable=opts["models_unavailable"],
             models_empty=opts["models_empty"],
             account_endpoints=not opts["no_account_endpoints"],

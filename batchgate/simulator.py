@@ -135,6 +135,8 @@ _ROLE_DELTA = b'{"index":0,"delta":{"role":"assistant","content":""},"finish_rea
 _CONTENT_TAIL = b'},"finish_reason":null}]}\n\n'
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _REQUEST_ID = "X-Request-Id"
+#: error.code of each 5xx the simulator can send.
+_SERVER_ERROR_CODES = {500: "server_error", 502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}
 
 
 @dataclass
@@ -160,7 +162,8 @@ class SimulatorConfig:
     rate_limit_rate: float = 0.0  # 429 with Retry-After: retry_after_s and code rate_limit_code
     retry_after_s: float = 0.05
     rate_limit_code: str = "rate_limit_exceeded"  # or e.g. "transfer_agent_capacity_reached"
-    server_error_rate: float = 0.0  # 500 before any streaming
+    server_error_rate: float = 0.0  # a 5xx before any streaming
+    server_error_statuses: tuple[int, ...] = (500,)  # which 5xx (seeded pick): 500, 502, 503, 504
     midstream_error_rate: float = 0.0  # after k tokens, a `data: {"error": ...}` event, then EOF
     keepalive_rate: float = 0.0  # per chunk: an extra `: keep-alive` comment before it
     separate_usage_rate: float = 0.5  # per stream: usage in its own `choices: []` chunk, else in the finish chunk
@@ -182,6 +185,7 @@ class SimulatorConfig:
     models_unavailable: int = 0  # the first N GET /v1/models answer 503 (-1: every one)
     models_empty: bool = False  # GET /v1/models lists nothing
     account_endpoints: bool = True  # serve /api/v1/whoami and /api/v1/public/pricing (else 404)
+    account_deactivated: bool = False  # every authenticated /v1 request gets 403 account_deactivated
     platform_fee_rate: float = 0.10
     # Money-test options:
     price_step_every: int | None = None  # prices multiply by price_step_factor every N billed requests
@@ -248,6 +252,8 @@ class SimulatorConfig:
             raise ValueError("models_unavailable must be -1 (always) or a count")
         if not self.rate_limit_code:
             raise ValueError("rate_limit_code must not be empty")
+        if not self.server_error_statuses or not set(self.server_error_statuses) <= set(_SERVER_ERROR_CODES):
+            raise ValueError(f"server_error_statuses must be some of {sorted(_SERVER_ERROR_CODES)}")
 
     def fault_rates(self) -> dict[str, float]:
         """Each fault's own rate plus its fifth of ``fault_rate``."""
@@ -463,8 +469,11 @@ class _HttpError(Exception):
         self.message = message
         self.headers = headers
 
-    def response(self, request_id: str | None = None) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "code": self.code}}
+    def response(self, request_id: str | None = None, extra: dict[str, Any] | None = None) -> web.Response:
+        """The JSON error answer; ``extra`` adds top-level keys (``/api/v1`` bodies carry ``requestId``)."""
+        body: dict[str, Any] = {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        if extra:
+            body.update(extra)
         resp = web.Response(
             status=self.status, body=orjson.dumps(body), content_type="application/json", headers=self.headers
         )
@@ -827,7 +836,8 @@ class _Simulator:
             return 1.0
         return float(self.config.price_step_factor ** (len(self.billing.records) // every))
 
-    def _check_auth(self, request: web.Request) -> str:
+    def _check_auth(self, request: web.Request, *, account: bool = True) -> str:
+        """The key; 401 without one, 403 when the account is deactivated (unless ``account`` is False)."""
         auth = request.headers.get("Authorization", "")
         scheme, _, key = auth.partition(" ")
         key = key.strip()
@@ -835,6 +845,9 @@ class _Simulator:
             self.billing.events["unauthorized"] += 1
             message = "missing API key" if not auth else "invalid API key (GonkaGate keys start with 'gp-')"
             raise _HttpError(401, "authentication_error", "invalid_api_key", message)
+        if account and self.config.account_deactivated:
+            self.billing.events["forbidden"] += 1
+            raise _HttpError(403, "permission_error", "account_deactivated", "this account is deactivated")
         return key
 
     def _admit(self, key: str) -> _KeyState:
@@ -892,12 +905,15 @@ class _Simulator:
         try:
             if not config.account_endpoints:
                 raise _HttpError(404, "invalid_request_error", "not_found", "no such endpoint")
-            self._check_auth(request)
+            self._check_auth(request, account=False)
         except _HttpError as exc:
-            return exc.response()
+            request_id = self.next_request_id()
+            return exc.response(request_id, {"success": False, "requestId": request_id})
         balance = _UNLIMITED_BALANCE_USD if config.balance_usd is None else config.balance_usd
         remaining = max(0.0, balance - self.billing._spent)
         status = "suspended" if remaining <= 0 else "low" if remaining < 0.1 * balance else "active"
+        if config.account_deactivated:
+            status = "suspended"
         body = {
             "success": True,
             "data": {
@@ -910,7 +926,9 @@ class _Simulator:
     async def pricing(self, request: web.Request) -> web.Response:
         config = self.config
         if not config.account_endpoints:
-            return _HttpError(404, "invalid_request_error", "not_found", "no such endpoint").response()
+            request_id = self.next_request_id()
+            error = _HttpError(404, "invalid_request_error", "not_found", "no such endpoint")
+            return error.response(request_id, {"success": False, "requestId": request_id})
         factor, rate = self.price_factor(), config.platform_fee_rate
         models = []
         for model, (in_price, out_price) in config.prices.items():
@@ -990,7 +1008,10 @@ class _Simulator:
                     )
                 if fault is _Fault.SERVER_ERROR:
                     billing.events["server_error"] += 1
-                    raise _HttpError(500, "server_error", "server_error", "internal server error")
+                    statuses = config.server_error_statuses
+                    status = statuses[int(position_u * len(statuses))]
+                    code = _SERVER_ERROR_CODES[status]
+                    raise _HttpError(status, "server_error", code, f"upstream error ({code})")
             except _HttpError as exc:
                 billing.responses.append(
                     {

@@ -355,6 +355,13 @@ async def test_rate_limit_is_429_with_retry_after(session: aiohttp.ClientSession
     assert sim.billing.records == [] and sim.billing.events["rate_limited"] == 1
 
 
+async def test_server_errors_mix_the_configured_statuses(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=1, server_error_rate=1.0, server_error_statuses=(500, 502, 503, 504))
+    async with running_simulator(config) as sim:
+        statuses = [(await post(session, sim.base_url, chat()))[0] for _ in range(40)]
+    assert set(statuses) == {500, 502, 503, 504} and sim.billing.records == []
+
+
 async def test_server_error_is_500_before_streaming(session: aiohttp.ClientSession) -> None:
     async with running_simulator(SimulatorConfig(server_error_rate=1.0)) as sim:
         status, headers, raw = await post(session, sim.base_url, chat())
@@ -654,6 +661,12 @@ def test_serve_process_prints_url_and_exits_cleanly_on_sigterm(tmp_path: Path) -
         {"min_completion_tokens": 0},
         {"tokens_per_chunk": 0},
         {"stall_s": -1.0},
+        {"fault_rate": 1.5},
+        {"server_error_statuses": (418,)},
+        {"quota_status": 400},
+        {"key_concurrency_limit": 0},
+        {"price_step_every": 0},
+        {"growth_factor": 0.5},
     ],
 )
 def test_bad_config_is_rejected(kwargs: dict[str, Any]) -> None:
@@ -721,6 +734,9 @@ async def test_every_response_has_a_unique_request_id_matched_by_the_billing(
         ({"rate_limit_rate": 1.0, "rate_limit_code": "transfer_agent_capacity_reached"}, chat(), 429,
          "transfer_agent_capacity_reached"),
         ({"server_error_rate": 1.0}, chat(), 500, "server_error"),
+        ({"server_error_rate": 1.0, "server_error_statuses": (503,)}, chat(), 503, "service_unavailable"),
+        ({"server_error_rate": 1.0, "server_error_statuses": (504,)}, chat(), 504, "gateway_timeout"),
+        ({"account_deactivated": True}, chat(), 403, "account_deactivated"),
         ({"key_limits": True, "key_burst_limit": 1}, chat(), 429, "rate_limit_exceeded"),  # the second request
     ],
 )  # fmt: skip
@@ -791,6 +807,7 @@ async def test_whoami_reports_the_balance_left_as_a_string(session: aiohttp.Clie
     left = after["data"]["balance"]["usd"]
     assert isinstance(left, str) and float(left) == pytest.approx(0.01 - sim.billing.spent_usd, abs=1e-6)
     assert unauthorized == 401 and denied["error"]["code"] == "invalid_api_key"
+    assert denied["success"] is False and denied["requestId"].startswith("req_")
     assert "gp-test" not in orjson.dumps(after).decode()  # the key is never echoed
     async with running_simulator(SimulatorConfig(balance_usd=1e-5)) as spent:
         await post(session, spent.base_url, chat())
@@ -798,6 +815,10 @@ async def test_whoami_reports_the_balance_left_as_a_string(session: aiohttp.Clie
             "usd": "0.000000",
             "status": "suspended",
         }
+    async with running_simulator(SimulatorConfig(account_deactivated=True)) as off:
+        status, _, body = await get(session, f"{root_of(off)}/api/v1/whoami", AUTH)
+        assert status == 200 and body["data"]["balance"]["status"] == "suspended"
+        assert (await get(session, f"{off.base_url}/models", AUTH))[0] == 403
     async with running_simulator(SimulatorConfig(account_endpoints=False)) as bare:
         assert (await get(session, f"{root_of(bare)}/api/v1/whoami", AUTH))[0] == 404
         assert (await get(session, f"{root_of(bare)}/api/v1/public/pricing"))[0] == 404
