@@ -9,7 +9,8 @@ It behaves as ``docs/gonkagate-api.md`` describes GonkaGate.  Every response car
 ``{"error": {"message", "type", "code"}}`` with a *string* code.  A chat request gets, in order of
 the checks:
 
-* 401 ``invalid_api_key``: no ``Authorization: Bearer gp-...`` header.
+* 401 ``invalid_api_key``: no ``Authorization: Bearer gp-...`` header; 403 ``account_deactivated``
+  with ``account_deactivated``.
 * 429 ``rate_limit_exceeded`` + ``Retry-After`` from the per-key limits (``key_limits``, off by
   default): more than ``key_concurrency_limit`` requests in flight, or a full request window
   (``key_rpm_limit`` per minute, ``key_burst_limit`` per ``key_burst_window_s``).
@@ -19,9 +20,9 @@ the checks:
   ``balance_usd``.
 * one seeded fault draw per request (the rates are disjoint slices of one uniform draw, so each
   rate is the fault's own frequency; ``fault_rate`` is a total split evenly over the five): 429
-  with ``Retry-After``, 500, or, for streams only, a reset (connection closed after *k* tokens), a
-  stall (*k* tokens, then ``stall_s`` of silence, then the rest) or a mid-stream
-  ``data: {"error": ...}`` after *k* tokens; 1 <= k < completion length.
+  with ``Retry-After``, a 5xx (``server_error_statuses``), or, for streams only, a reset
+  (connection closed after *k* tokens), a stall (*k* tokens, then ``stall_s`` of silence, then the
+  rest) or a mid-stream ``data: {"error": ...}`` after *k* tokens; 1 <= k < completion length.
 * otherwise the docs' stream: role chunk, content chunks, a finish chunk, usage with costs (inside
   the finish chunk, or, for a seeded ``separate_usage_rate`` share, as OpenAI's separate
   ``choices: []`` chunk after it), ``data: [DONE]``; or, for ``"stream": false``, one JSON answer.
@@ -298,7 +299,7 @@ class Billing:
     answered (billed or not), so a test can match a failed ledger row to the answer it got.
 
     ``events`` counts what the server did per request: ``unauthorized``, ``bad_request``,
-    ``model_not_found``, ``insufficient_balance``, ``key_concurrency_limited``, ``key_rate_limited``,
+    ``forbidden``, ``model_not_found``, ``insufficient_balance``, ``key_concurrency_limited``, ``key_rate_limited``,
     ``rate_limited``, ``server_error`` (unbilled answers), ``reset``, ``stall``, ``midstream_error``
     (injected faults), ``completed`` and ``cut`` (billed).
     """
