@@ -532,8 +532,6 @@ def _sniff(path: str, read_path: str, tables: bool) -> tuple[str | None, str]:
     return compression, "jsonl" if first in (b"{", b"") else "csv"
 
 
-
-
 def _needs_template(path: str, kind: str) -> str:
     return (
         f"{path}: is {_TABLE_KINDS[kind]}: pass --template FILE or --prompt TEXT "
