@@ -773,7 +773,8 @@ def _parse_chat(obj: dict[str, Any], ctx: _Context) -> _Parsed:
             chars += len(system)
         obj["messages"] = messages
     elif "messages" not in obj:
-        raise _LineProblem('needs "prompt" or "messages"')
+        close = [k for k in obj if difflib.get_close_matches(k, ("prompt", "messages"), n=1)]
+        raise _LineProblem('needs "prompt" or "messages"' + (f' (is "{close[0]}" a typo?)' if close else ""))
     elif system is not _MISSING:
         raise _LineProblem('"system" goes with "prompt"; with "messages", add a {"role": "system"} message')
     else:

@@ -264,3 +264,12 @@ def test_meta_travels_with_the_record_and_must_be_an_object(tmp_path: Path) -> N
     ]
     first = next(iter_records([path], default_model=MODEL))
     assert first.meta == {"k": [1]} and "meta" not in first.body
+
+
+def test_a_misspelt_prompt_key_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.jsonl", {"promt": "x"}, {"mesages": []}, {"other": 1})
+    assert [p.message for p in validate([path], default_model=MODEL).problems] == [
+        'needs "prompt" or "messages" (is "promt" a typo?)',
+        'needs "prompt" or "messages" (is "mesages" a typo?)',
+        'needs "prompt" or "messages"',
+    ]
