@@ -101,6 +101,11 @@ _JSON_TYPES = {
     bool: "a boolean",
     type(None): "null",
 }
+# Files written by json.dump rather than as JSON Lines: say how to convert them.
+_PRETTY_HINTS = {
+    b"[": "a JSON array? batchgate reads JSON Lines, one object per line: jq -c '.[]' FILE > FILE.jsonl",
+    b"{": "an object spread over several lines? write each on one line: jq -c . FILE > FILE.jsonl",
+}
 _SNIFF_BYTES = 8192
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
 _COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".zst", ".zstd")
@@ -742,7 +747,8 @@ def _load_object(raw: bytes, first: bool) -> dict[str, Any] | None:
             return None
         raise _LineProblem(_json_message(raw, exc)) from None
     if type(obj) is not dict:
-        raise _LineProblem(f"expected a JSON object, got {_JSON_TYPES.get(type(obj), 'a value')}")
+        hint = f" ({_PRETTY_HINTS[b'[']})" if type(obj) is list and obj and type(obj[0]) is dict else ""
+        raise _LineProblem(f"expected a JSON object, got {_JSON_TYPES.get(type(obj), 'a value')}{hint}")
     return obj
 
 
@@ -761,7 +767,8 @@ def _json_message(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return f"not valid UTF-8 (byte {err.start + 1} of the line)"
-    return f"invalid JSON: {exc.msg} at column {exc.colno}"
+    hint = _PRETTY_HINTS.get(raw.strip()[:1]) if raw.strip() in (b"[", b"{") else None
+    return f"invalid JSON: {exc.msg} at column {exc.colno}" + (f" ({hint})" if hint else "")
 
 
 def _parse_chat(obj: dict[str, Any], ctx: _Context) -> _Parsed:
@@ -788,7 +795,8 @@ def _parse_chat(obj: dict[str, Any], ctx: _Context) -> _Parsed:
             chars += len(system)
         obj["messages"] = messages
     elif "messages" not in obj:
-        raise _LineProblem('needs "prompt" or "messages"')
+        close = [k for k in obj if difflib.get_close_matches(k, ("prompt", "messages"), n=1)]
+        raise _LineProblem('needs "prompt" or "messages"' + (f' (is "{close[0]}" a typo?)' if close else ""))
     elif system is not _MISSING:
         raise _LineProblem('"system" goes with "prompt"; with "messages", add a {"role": "system"} message')
     else:
