@@ -144,6 +144,8 @@ class ValidationReport:
     # Things sent as written that are probably mistakes (an unknown chat parameter): one per kind,
     # at its first place, "(and N more lines)" after it.  ``strict=True`` makes them problems.
     warnings: list[InputProblem] = field(default_factory=list)
+    # model -> [path, line, count]: where each model is first named, and on how many records
+    models: dict[str, list[Any]] = field(default_factory=dict)
 
     def ok(self) -> bool:
         """True when the run may start: no problem at all."""
@@ -269,6 +271,7 @@ def validate(
     problems: list[InputProblem] = []
     problem_count = records = prompt_chars = 0
     unknown: dict[str, list[Any]] = {}  # parameter -> [path, line, count]
+    models: dict[str, list[Any]] = {}
     empty: list[str] = []
     hashes = array("Q")  # 8 bytes per valid line: the only thing that grows with the input
     add_hash = hashes.frombytes
@@ -285,6 +288,11 @@ def validate(
             records += 1
             prompt_chars += res[3]
             add_hash(_id_digest(res[0]))
+            used = models.get(res[1])
+            if used is None:
+                models[res[1]] = [src.path, n, 1]
+            else:
+                used[2] += 1
             for key in res[5]:
                 seen = unknown.get(key)
                 if seen is None:
@@ -315,7 +323,7 @@ def validate(
         problems = problems[:keep]
     else:
         warnings += [InputProblem(path, 0, _no_prompts(kinds[path])) for path in empty if path not in _paths(problems)]
-    return ValidationReport(problems, problem_count, records, prompt_chars, warnings)
+    return ValidationReport(problems, problem_count, records, prompt_chars, warnings, models)
 
 
 def _more_lines(count: int) -> str:

@@ -87,12 +87,15 @@ def load_validation(out_dir: Path, key: str | None) -> dict[str, Any] | None:
     return doc
 
 
-def save_validation(out_dir: Path, key: str | None, records: int, warnings: str, write: Any) -> None:
+def save_validation(
+    out_dir: Path, key: str | None, records: int, warnings: str, models: dict[str, Any], write: Any
+) -> None:
     """Remember that these inputs validated (``write`` is ``ledger.write_atomic``)."""
     if key is None:
         return
+    doc = {"key": key, "records": records, "warnings": warnings, "models": models}
     with contextlib.suppress(OSError):  # a convenience: the next run validates again
-        write(out_dir / VALIDATED_NAME, orjson.dumps({"key": key, "records": records, "warnings": warnings}))
+        write(out_dir / VALIDATED_NAME, orjson.dumps(doc))
 
 
 class Watermark:

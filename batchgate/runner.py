@@ -25,7 +25,8 @@ from typing import Any
 
 import orjson
 
-from . import jobs, resume
+from . import account, jobs, resume
+from .account import Balance
 from .accounting import Accounts, combine_charges
 from .client import (
     AttemptLimits,
@@ -119,6 +120,8 @@ class Runner:
         self._ledger_error: LedgerError | None = None
         self._possibly_billed = PossiblyBilled()
         self._inputs_key: str | None = None
+        self._models: dict[str, list[Any]] = {}  # model -> [path, line, records] of the inputs
+        self.balance: Balance | None = None  # the key's balance at start, where the API tells it
         self._prefix: tuple[int, int, int] | None = None
         self._watermark: resume.Watermark | None = None
         self._seq = 0  # requests seen in input order (done ones included)
@@ -160,8 +163,12 @@ class Runner:
         validated = resume.load_validation(cfg.out_dir, key)
         if self.records is not None:
             self.total = len(self.records) * cfg.samples
+            for r in self.records:
+                used = self._models.setdefault(r.model, [r.path, r.line, 0])
+                used[2] += 1
         elif validated is not None:  # unchanged since a run validated them: no second look
             self.total = validated["records"]
+            self._models = dict(validated.get("models") or {})
             if validated.get("warnings"):
                 self.notices.append(validated["warnings"])
         else:
@@ -170,6 +177,7 @@ class Runner:
                 raise InputError(report.format())
             if report.warnings:
                 self.notices.append(report.format_warnings())
+            self._models = report.models
             if cfg.shard is None:
                 self.total = report.records * cfg.samples
             else:
@@ -181,7 +189,8 @@ class Runner:
         clean = False
         try:
             if validated is None:
-                resume.save_validation(cfg.out_dir, key, self.total, "\n".join(self.notices), write_atomic)
+                notes = "\n".join(self.notices)
+                resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic)
             index = self._ledger.open(prefix_key=key)
             self._prefix = index.prefix
             if index.unreadable_lines:
@@ -211,6 +220,7 @@ class Runner:
             syncer = asyncio.create_task(self._sync_periodically())
             try:
                 async with session:
+                    await self._preflight(session)
                     self._tasks = [
                         asyncio.create_task(self._worker(records, session, policy, url))
                         for _ in range(max(1, cfg.concurrency))
@@ -262,6 +272,50 @@ class Runner:
                 write_atomic(
                     self.config.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
                 )
+
+    async def _preflight(self, session: Any) -> None:
+        """Before the first paid request: the catalog has every model, and what the account says.
+
+        ``GET /models`` stops the run (exit 2) on a model the catalog lacks, a rejected key or an
+        unreachable base URL, before anything is spent.  Balance and published prices are
+        optional: absent, the run learns prices from its answers as before.
+        """
+        cfg = self.config
+        if not cfg.check_models:
+            return
+        try:
+            catalog = await account.fetch_catalog(session, cfg.base_url)
+        except AuthError as exc:
+            self.request_stop(StopReason.AUTH, f"GonkaGate rejected the API key ({exc}).")
+            return
+        except ConnectFailed as exc:
+            self.request_stop(StopReason.UNREACHABLE, f"{exc.message}; check --base-url and the network.")
+            return
+        if catalog is None:
+            self.notices.append("the model catalog (GET /models) did not answer; models not checked")
+        else:
+            known = set(catalog)
+            missing = [(m, where) for m, where in self._models.items() if m not in known]
+            if missing:
+                lines = []
+                for model, (path, line, count) in missing:
+                    near = account.nearest_models(model, catalog)
+                    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+                    lines.append(f"{path}:{line}: model {model!r} is not in the catalog ({count} prompt(s)){hint}")
+                self.request_stop(StopReason.UNKNOWN_MODEL, "\n".join(lines))
+                return
+        self.balance = await account.fetch_balance(session, cfg.base_url)
+        prices = await account.fetch_pricing(session, cfg.base_url)
+        for model, price in (prices or {}).items():
+            self.prices.publish(model, price.usd_per_token_total)
+        if self.balance is not None:
+            if cfg.max_cost_usd is not None and cfg.max_cost_usd > self.balance.usd:
+                self.notices.append(
+                    f"--max-cost ${cfg.max_cost_usd:.4f} is more than the balance ${self.balance.usd:.4f}: "
+                    "the balance will run out first"
+                )
+            if self.balance.status in ("low", "suspended"):
+                self.notices.append(f"GonkaGate says the balance is {self.balance.status} (${self.balance.usd:.4f})")
 
     async def _sync_periodically(self) -> None:
         """The once-a-second fsync promise, kept by time and off the event loop."""

@@ -88,6 +88,8 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "qwen/qwen3-235b-a22b-instruct-2507-fp8": (2.0, 8.0),
     "moonshotai/Kimi-K2.6": (6.0, 24.0),
     "minimaxai/minimax-m2.7": (3.0, 12.0),
+    # The simulator's own cheap test model: in its catalog, so a run's model check passes.
+    "sim-model": (1.0, 4.0),
 }
 
 #: Models that stream ``delta.reasoning_content`` before their answer.

@@ -32,6 +32,7 @@ def config(out: Path, url: str, **kw: Any) -> RunConfig:
         backoff_base_s=0.001,
         backoff_max_s=0.01,
         idle_timeout_s=2.0,
+        check_models=False,  # made-up model ids: the simulator serves them, its catalog lacks them
     )
     base.update(kw)
     return RunConfig(**base)
@@ -267,3 +268,30 @@ async def test_a_resumed_start_begins_after_the_done_prefix_and_never_rebuys(tmp
         fourth_runner = Runner([src], config(out, sim.base_url))
         fourth = await fourth_runner.run()
     assert fourth_runner._prefix is None and (fourth.stale, fourth.requests) == (1, 1)
+
+
+async def test_a_model_the_catalog_lacks_stops_the_run_before_any_request(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        runner = Runner(
+            [src], config(tmp_path / "out", sim.base_url, default_model="Qwen/qwen3-32b-fp8", check_models=True)
+        )
+        summary = await runner.run()
+        chat_requests = len(sim.billing.completed())
+    assert summary.exit_code == 2 and summary.stop_reason == "unknown_model" and summary.requests == 0
+    assert chat_requests == 0
+    assert runner.stop_message is not None and "did you mean Qwen/Qwen3-32B-FP8" in runner.stop_message
+    assert "p.jsonl:1:" in runner.stop_message and "12 prompt(s)" in runner.stop_message
+
+
+async def test_published_prices_bound_the_budget_from_the_first_request(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        runner = Runner(
+            [src],
+            config(tmp_path / "out", sim.base_url, default_model="sim-model", check_models=True, max_cost_usd=1.0),
+        )
+        summary = await runner.run()
+    assert summary.ok == 12 and runner.balance is not None and runner.balance.usd > 0
+    assert runner.prices.worst_per_token("sim-model") is not None
+    assert not runner._probes  # no one-at-a-time probe was needed: the price was published
