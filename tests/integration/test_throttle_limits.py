@@ -1,0 +1,238 @@
+"""The throttle against servers that throttle: random 429s, a 50-stream key, a burst bucket.
+
+A tiny aiohttp server (over loopback) answers each POST with a short stream, or a 429 with
+``Retry-After``, by one rule per test.  A simple worker pool sends ``n`` requests through a
+:class:`Throttle` the way the runner does: acquire, request, release, tell the throttle the
+outcome, and wait the 429's own ``Retry-After`` before retrying that request (only it).
+``benchmarks/bench_throttle.py`` runs the same scenarios at a larger scale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from batchgate.throttle import Throttle, TokenBucket
+
+# A rule decides, per request, None (serve it) or the Retry-After of a 429.
+Rule = Callable[[], "float | None"]
+
+
+@dataclass
+class Server:
+    url: str
+    served: int = 0
+    refused: int = 0
+    active: int = 0
+    peak: int = 0
+
+
+@dataclass
+class PoolResult:
+    seconds: float
+    ok: int
+    rate_limited: int
+    peak_in_flight: int
+    samples: list[int] = field(default_factory=list)  # in_flight seen at each start
+    outcomes: list[bool] = field(default_factory=list)  # True for a 429, in the order they came
+
+    @property
+    def share_429(self) -> float:
+        return self.rate_limited / max(1, self.ok)
+
+    @property
+    def mean_in_flight(self) -> float:
+        return sum(self.samples) / max(1, len(self.samples))
+
+
+@asynccontextmanager
+async def throttling_server(
+    latency_s: float, *, random_429: float = 0.0, max_active: int | None = None, bucket: tuple[int, float] | None = None
+) -> AsyncIterator[Server]:
+    """Serve on loopback: a 3-chunk stream after ``latency_s``, unless a rule answers 429 first.
+
+    ``random_429``: that share of requests at random; ``max_active``: any request above that many
+    open streams (a request counts until its stream has ended, as GonkaGate's 50-stream limit);
+    ``bucket``: (capacity, refill per second), a token bucket like the key's 200-per-10-s burst.
+    """
+    rng = random.Random(42)
+    server = Server(url="")
+    server_bucket = TokenBucket(bucket[0], bucket[1], time.monotonic()) if bucket else None
+
+    def refuse(retry_after: float) -> web.Response:
+        server.refused += 1
+        return web.json_response(
+            {"error": {"message": "slow down", "code": "rate_limit_exceeded"}},
+            status=429,
+            headers={"Retry-After": f"{retry_after:.3f}"},
+        )
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if random_429 and rng.random() < random_429:
+            return refuse(0.05)
+        if max_active is not None and server.active >= max_active:
+            return refuse(0.05)
+        if server_bucket is not None:
+            wait = server_bucket.take(time.monotonic())
+            if wait > 0:
+                server_bucket.give_back()
+                return refuse(wait)
+        server.active += 1
+        server.peak = max(server.peak, server.active)
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(latency_s)
+            for chunk in (b'data: {"x": 1}\n\n', b'data: {"x": 2}\n\n', b"data: [DONE]\n\n"):
+                await resp.write(chunk)
+            await resp.write_eof()
+            server.served += 1
+            return resp
+        finally:
+            server.active -= 1
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+async def run_pool(url: str, n: int, workers: int, throttle: Throttle) -> PoolResult:
+    """``n`` requests by ``workers`` workers through ``throttle``; each 429 retried after its Retry-After."""
+    todo = iter(range(n))
+    ok = rate_limited = peak = 0
+    samples: list[int] = []
+    outcomes: list[bool] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal ok, rate_limited, peak
+            for _ in todo:
+                while True:
+                    await throttle.acquire()
+                    samples.append(throttle.in_flight)
+                    peak = max(peak, throttle.in_flight)
+                    try:
+                        async with session.post(url, data=b"{}") as resp:
+                            await resp.read()
+                            status, retry_after = resp.status, resp.headers.get("Retry-After")
+                    finally:
+                        throttle.release()
+                    outcomes.append(status == 429)
+                    if status == 200:
+                        ok += 1
+                        throttle.on_success()
+                        break
+                    assert status == 429
+                    rate_limited += 1
+                    wait = float(retry_after) if retry_after else 0.05
+                    throttle.on_rate_limited(wait)
+                    await asyncio.sleep(wait)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        seconds = time.perf_counter() - t0
+    return PoolResult(seconds, ok, rate_limited, peak, samples, outcomes)
+
+
+def no_rate_buckets(**kw: object) -> dict[str, object]:
+    """Key rate buckets off: these scenarios are about concurrency and 429s, not the 600/min."""
+    return {"key_rpm": None, "key_burst_10s": None, **kw}
+
+
+async def test_three_percent_random_429s_cost_little(tmp_path: object) -> None:
+    """(a) Scattered 429s are not overload: <= 1.3x the clean time, concurrency stays near 50."""
+    n, latency = 800, 0.05
+    async with throttling_server(latency) as clean_srv:
+        clean = await run_pool(clean_srv.url, n, 50, Throttle(50, **no_rate_buckets()))  # type: ignore[arg-type]
+    async with throttling_server(latency, random_429=0.03) as srv:
+        throttle = Throttle(50, **no_rate_buckets())  # type: ignore[arg-type]
+        noisy = await run_pool(srv.url, n, 50, throttle)
+    assert clean.ok == noisy.ok == n and clean.rate_limited == 0
+    assert 0.015 < noisy.rate_limited / n < 0.05  # the server really refused ~3%
+    assert noisy.seconds <= 1.3 * clean.seconds, (noisy.seconds, clean.seconds)
+    assert throttle.min_limit_seen >= 40 and throttle.limit >= 45
+    assert noisy.mean_in_flight >= 35, noisy.mean_in_flight
+    stats = throttle.statistics()
+    assert stats.rate_limited == noisy.rate_limited and stats.in_flight == 0 and stats.waiting == 0
+
+
+async def test_200_workers_against_a_50_stream_key_stay_under_it() -> None:
+    """(b) The key's documented ceiling holds 200 workers to 50: few 429s, about the time of 50."""
+    n, latency = 800, 0.05
+    async with throttling_server(latency, max_active=50) as srv50:
+        fifty = await run_pool(srv50.url, n, 50, Throttle(50, **no_rate_buckets()))  # type: ignore[arg-type]
+    async with throttling_server(latency, max_active=50) as srv:
+        throttle = Throttle(200, **no_rate_buckets())  # type: ignore[arg-type]
+        many = await run_pool(srv.url, n, 200, throttle)
+    assert fifty.ok == many.ok == n
+    assert throttle.statistics().max_concurrency == 50 and many.peak_in_flight <= 50
+    assert many.share_429 < 0.05, many.share_429
+    assert many.seconds <= 1.2 * fifty.seconds, (many.seconds, fifty.seconds)
+
+
+async def test_without_the_ceiling_the_429_share_finds_the_limit() -> None:
+    """The adaptive part, for a limit the numbers don't predict: 200 allowed, the server takes 50."""
+    n, latency = 1200, 0.05
+    async with throttling_server(latency, max_active=50) as srv:
+        throttle = Throttle(200, **no_rate_buckets(key_concurrency=None))  # type: ignore[arg-type]
+        res = await run_pool(srv.url, n, 200, throttle)
+    assert res.ok == n
+    assert throttle.slowdowns >= 2 and 25 <= throttle.min_limit_seen <= 60, throttle.min_limit_seen
+    assert 30 <= throttle.limit <= 70, throttle.limit
+    late = res.outcomes[len(res.outcomes) // 2 :]  # the first 200-wide burst is refused by design;
+    assert sum(late) / len(late) < 0.05, sum(late) / len(late)  # once found, the limit holds
+
+
+async def test_the_burst_bucket_keeps_starts_within_the_servers_bucket() -> None:
+    """(c) With the server's bucket known, no 429s; without it, the server refuses the overflow."""
+    n, capacity, per_s = 150, 30, 60.0  # a 200-per-10-s bucket shrunk: 30 at once, then 60/s
+    expected = (n - capacity) / per_s  # 2 s
+    async with throttling_server(0.001, bucket=(capacity, per_s)) as srv:
+        throttle = Throttle(50, key_rpm=None, key_burst_10s=capacity, burst_window_s=capacity / per_s)
+        known = await run_pool(srv.url, n, 50, throttle)
+    assert known.ok == n and known.rate_limited <= 1
+    assert 0.9 * expected <= known.seconds <= expected + 1.0, known.seconds
+    async with throttling_server(0.001, bucket=(capacity, per_s)) as srv:
+        blind = await run_pool(srv.url, n, 50, Throttle(50, **no_rate_buckets()))  # type: ignore[arg-type]
+    assert blind.ok == n and blind.rate_limited > n // 4
+
+
+async def test_the_minute_bucket_and_the_burst_bucket_together() -> None:
+    """Both key buckets at once (600/min with 200 per 10 s, shrunk): the burst first, then the minute rules."""
+    n = 105
+    # minute: 30 per 1 s (30/s sustained); burst: 10 per 0.25 s (40/s). 10 start at once, then 40/s
+    # until the minute bucket runs dry at 2 s (90 started), then 30/s: the last at (105 - 30) / 30 s.
+    throttle = Throttle(50, key_rpm=30, rate_window_s=1.0, key_burst_10s=10, burst_window_s=0.25)
+    starts: list[float] = []
+    t0 = time.monotonic()
+
+    async def one() -> None:
+        async with throttle:
+            starts.append(time.monotonic() - t0)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    starts.sort()
+    assert len([t for t in starts if t < 0.02]) == 10  # the burst bucket's capacity, not the minute's
+    for lo, first in enumerate(starts):  # any window holds at most capacity + refill (+1 for rounding)
+        assert len([t for t in starts[lo:] if t < first + 0.25]) <= 10 + 10 + 1
+        assert len([t for t in starts[lo:] if t < first + 1.0]) <= 30 + 30 + 1
+    assert 0.95 * 2.0 <= len([t for t in starts if t < 2.0]) / 45 <= 1.05 * 2.0  # 90 by 2 s
+    assert 2.4 <= starts[-1] <= 2.7, starts[-1]
