@@ -60,9 +60,8 @@ class TokenBucket:
             self._stamp = now
 
     def available(self, now: float) -> bool:
-        """Whether a token is there now (refilling first only when needed: the hot path)."""
-        if self.tokens < 1.0:
-            self.refill(now)
+        """Whether a token is there now (refilled first: skipping that while full would over-credit)."""
+        self.refill(now)
         return self.tokens >= 1.0
 
     def take(self, now: float) -> float:

@@ -206,3 +206,13 @@ async def test_rate_limit_headers_cap_the_buckets() -> None:
     t.on_headers({"x-ratelimit-remaining": "junk"})  # ignored
     assert finishes_without_awaiting(t.acquire())
     assert not finishes_without_awaiting(t.acquire())
+
+
+def test_bucket_does_not_credit_time_spent_full() -> None:
+    """Full for 100 s, then drained: the refill counts from the drain, not from 100 s ago."""
+    b = TokenBucket(5, 1.0, now=0.0)
+    for _ in range(5):
+        assert b.available(100.0)
+        b.take(100.0)
+    assert not b.available(100.5)
+    assert b.take(100.5) == pytest.approx(0.5)
