@@ -119,6 +119,12 @@ class ShareWindow:
         return len(self._ring)
 
 
+def with_headroom(capacity: float) -> float:
+    """A bucket's capacity less 2% (at least one token), kept in hand so requests that reach the
+    server bunched (network and scheduling jitter) still find its bucket a token ahead of ours."""
+    return max(1.0, capacity - max(1.0, 0.02 * capacity))
+
+
 def slowed_limit(limit: float, share: float, floor: float = 1.0) -> float:
     """The limit after a slow-down: cut by the 429 share, at most halved, never below ``floor``.
 
@@ -181,7 +187,7 @@ class Throttle:
         self.rate_limited = 0
         self.outage_pauses = 0
         self._buckets = tuple(
-            TokenBucket(n, n / window, now)
+            TokenBucket(with_headroom(n), n / window, now)
             for n, window in ((key_rpm, rate_window_s), (key_burst_10s, burst_window_s))
             if n is not None
         )

@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchgate.throttle import ShareWindow, Throttle, ThrottleStatistics, TokenBucket, slowed_limit
+from batchgate.throttle import (
+    ShareWindow,
+    Throttle,
+    ThrottleStatistics,
+    TokenBucket,
+    slowed_limit,
+    with_headroom,
+)
 
 
 def finishes_without_awaiting(coro: Coroutine[Any, Any, None]) -> bool:
@@ -115,6 +122,10 @@ def test_share_window_clear_and_empty() -> None:
         ShareWindow(0)
 
 
+def test_headroom_keeps_a_token_or_two_in_hand() -> None:
+    assert (with_headroom(600), with_headroom(200), with_headroom(10), with_headroom(1)) == (588, 196, 9, 1)
+
+
 def test_slowdown_is_proportional_to_the_share_and_at_most_halves() -> None:
     assert slowed_limit(50, 0.06) == pytest.approx(47.0)
     assert slowed_limit(200, 0.75) == 100.0
@@ -129,7 +140,7 @@ def test_defaults_are_one_keys_allowance() -> None:
     s = t.statistics()
     assert isinstance(s, ThrottleStatistics)
     assert (s.limit, s.max_concurrency, s.in_flight, s.waiting, s.reason) == (50, 50, 0, 0, "ok")
-    assert [(b.capacity, b.rate) for b in t._buckets] == [(600, 10.0), (200, 20.0)]
+    assert [(b.capacity, b.rate) for b in t._buckets] == [(588, 10.0), (196, 20.0)]  # 2% headroom
     assert Throttle(8).max_concurrency == 8
     assert Throttle(200, key_concurrency=None).max_concurrency == 200
     assert Throttle(10, key_rpm=None, key_burst_10s=None)._buckets == ()
@@ -148,7 +159,7 @@ async def test_acquire_does_not_await_when_nothing_limits() -> None:
 
 
 async def test_the_burst_bucket_holds_starts_back_once_empty() -> None:
-    t = Throttle(50, key_rpm=None, key_burst_10s=5, burst_window_s=1000.0)
+    t = Throttle(50, key_rpm=None, key_burst_10s=6, burst_window_s=1000.0)  # 5 after the headroom
     for _ in range(5):
         assert finishes_without_awaiting(t.acquire())
         t.release()
