@@ -203,6 +203,7 @@ class Throttle:
         self._next_start = 0.0
         self._paused_until = 0.0
         self._reason = "ok"
+        self._cut_reason = "429 slow-down"  # what brought the limit below the ceiling last
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     # -- the gate --------------------------------------------------------------------------------
@@ -214,7 +215,10 @@ class Throttle:
                 self.in_flight += 1
                 return
             now = time.monotonic()
-            if all(b.available(now) for b in self._buckets):
+            for b in self._buckets:
+                if not b.available(now):
+                    break
+            else:
                 for b in self._buckets:
                     b.tokens -= 1.0
                 self.in_flight += 1
@@ -236,7 +240,7 @@ class Throttle:
                 self.in_flight += 1
                 break
             if self.limit < self.max_concurrency:
-                self._reason = "429 slow-down"
+                self._reason = self._cut_reason
             else:
                 self._reason = "key limit" if self.key_limited else "ok"
             # Queue; release() hands the slot over (in_flight already counts us when woken), so
@@ -319,6 +323,7 @@ class Throttle:
         self.limit = 1.0
         self.min_limit_seen = 1.0
         self.outage_pauses += 1
+        self._cut_reason = "outage pause"
 
     def on_rate_limited(self, retry_after: float | None = None) -> None:
         """A 429 (throttling, not quota). ``retry_after`` is for that request's retry alone.
@@ -339,6 +344,7 @@ class Throttle:
             self._threshold = self.limit
             self.min_limit_seen = min(self.min_limit_seen, self.limit)
             self.slowdowns += 1
+            self._cut_reason = "429 slow-down"
             window.clear()
             self._stale = self.in_flight
 

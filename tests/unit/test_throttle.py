@@ -7,6 +7,8 @@ hot-path promise of :meth:`Throttle.acquire`; the tests that need one to block r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
@@ -227,3 +229,59 @@ def test_bucket_does_not_credit_time_spent_full() -> None:
         b.take(100.0)
     assert not b.available(100.5)
     assert b.take(100.5) == pytest.approx(0.5)
+
+
+async def test_cancelled_acquires_give_their_slot_and_tokens_back() -> None:
+    t = Throttle(1, key_rpm=None, key_burst_10s=None)
+    await t.acquire()
+    queued = asyncio.create_task(t.acquire())
+    await asyncio.sleep(0)
+    assert t.statistics().waiting == 1 and t.statistics().reason == "ok"  # our own ceiling, not a key's
+    queued.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await queued
+    assert t.waiting == 0 and t.in_flight == 1
+    granted = asyncio.create_task(t.acquire())
+    await asyncio.sleep(0)
+    t.release()  # hands the slot over: still one in flight, now the waiter's
+    assert t.in_flight == 1
+    granted.cancel()  # ...cancelled before it could run: the slot must come back
+    with contextlib.suppress(asyncio.CancelledError):
+        await granted
+    assert t.in_flight == 0
+
+    t = Throttle(5, key_rpm=None, key_burst_10s=2, burst_window_s=100.0)  # 1 token after headroom
+    async with t:
+        pass
+    sleeper = asyncio.create_task(t.acquire())
+    await asyncio.sleep(0.01)
+    s = t.statistics()
+    assert (s.in_flight, s.waiting, s.reason) == (1, 1, "key limit")  # holds its slot while it waits
+    sleeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sleeper
+    assert t.in_flight == 0 and t.waiting == 0
+
+
+async def test_the_key_ceiling_and_a_slow_down_are_named() -> None:
+    t = Throttle(200, key_rpm=None, key_burst_10s=None, share_window=10)
+    for _ in range(50):
+        await t.acquire()
+    blocked = asyncio.create_task(t.acquire())
+    await asyncio.sleep(0)
+    assert t.statistics().reason == "key limit"
+    for _ in range(10):
+        t.on_rate_limited(1.0)
+    assert t.limit == 25 and t.slowdowns == 1
+    for _ in range(50):
+        t.release()
+    await blocked
+    assert t.in_flight == 1
+    for _ in range(24):
+        await t.acquire()
+    blocked = asyncio.create_task(t.acquire())
+    await asyncio.sleep(0)
+    assert t.statistics().reason == "429 slow-down" and t.statistics().limit == 25
+    blocked.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await blocked
