@@ -20,6 +20,7 @@ When nothing limits, :meth:`Throttle.acquire` returns without awaiting (the hot 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -254,6 +255,8 @@ class Throttle:
                     self.release()  # granted, then cancelled before running: pass it on
                 else:
                     fut.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(fut)  # no dead entry may hold a free slot's taker back
                 raise
             break
         # A concurrency slot is ours: reserve a token in every bucket (and the rpm spacing) and

@@ -285,3 +285,41 @@ async def test_the_key_ceiling_and_a_slow_down_are_named() -> None:
     blocked.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await blocked
+
+
+@given(st.lists(st.sampled_from(["acquire", "acquire", "release", "cancel", "429", "ok"]), max_size=60))
+def test_slots_are_never_lost_or_left_free_while_someone_waits(ops: list[str]) -> None:
+    """Adversarial orders of acquire, release, cancel and outcomes: the count stays exact, and a
+    free slot never sits next to a waiter (that would be a run that hangs)."""
+
+    async def scenario() -> None:
+        t = Throttle(4, key_rpm=None, key_burst_10s=None, share_window=4, share_threshold=0.3)
+        tasks: list[asyncio.Task[None]] = []
+        holders = 0
+        for op in ops:
+            if op == "acquire":
+                tasks.append(asyncio.create_task(t.acquire()))
+            elif op == "release" and holders:
+                t.release()
+                holders -= 1
+            elif op == "cancel":
+                pending = [x for x in tasks if not x.done()]
+                if pending:
+                    pending[0].cancel()
+            elif op == "429":
+                t.on_rate_limited(1.0)
+            elif op == "ok":
+                t.on_success()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            holders += sum(1 for x in tasks if x.done() and not x.cancelled())
+            tasks = [x for x in tasks if not x.done()]
+            assert t.in_flight == holders
+            assert t.waiting == len(tasks)
+            if tasks:
+                assert t.in_flight >= t.limit
+        for x in tasks:
+            x.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
