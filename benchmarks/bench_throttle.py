@@ -5,7 +5,7 @@ in its own process, streams of ``--latency`` seconds; every 429 retried after it
 
 1. **3% random 429s**: 50 workers through ``Throttle(50)`` vs the same run with no 429s, and vs
    the rule before issue 10 (halve the limit on every 429, at most once a second, and pause
-   every start for the 429's Retry-After).
+   every start for the 429's Retry-After; its code is read from git history).
 2. **a 50-stream key**: 200 workers through ``Throttle(200)`` (the key's ceiling, the default) and
    ``Throttle(200, key_concurrency=None)`` (the 429 share must find the limit) vs 50 workers.
 3. **the key buckets**, 600/min and 200 per 10 s with time shrunk ``--time-scale`` times: a client
@@ -23,8 +23,8 @@ import argparse
 import asyncio
 import importlib.util
 import statistics
+import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -47,37 +47,32 @@ def load_scenarios() -> ModuleType:
     return module
 
 
-class HalvingThrottle(Throttle):
-    """The rule before issue 10: every 429 halves the limit (at most once per second) and pauses
-    every start until its Retry-After has passed."""
+OLD_COMMIT = "4fe52c0"  # main before issue 10
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.last_halving = -1e9
-        self.paused_until = 0.0
 
-    async def acquire(self) -> None:
-        while (wait := self.paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
-        await super().acquire()
-
-    def on_rate_limited(self, retry_after: float | None = None) -> None:
-        self.rate_limited += 1
-        now = time.monotonic()
-        if retry_after:
-            self.paused_until = max(self.paused_until, now + retry_after)
-        if now - self.last_halving >= 1.0:
-            self.last_halving = now
-            self.limit = max(1.0, self.limit / 2)
-            self.min_limit_seen = min(self.min_limit_seen, self.limit)
-            self.slowdowns += 1
+def old_throttle() -> Callable[..., Any] | None:
+    """The Throttle before issue 10 (halve on every 429 at most once a second, pause everyone for
+    its Retry-After), read from git history; None outside a git checkout."""
+    try:
+        src = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:batchgate/throttle.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    namespace: dict[str, Any] = {"__name__": "old_throttle"}
+    exec(compile(src, "old_throttle.py", "exec"), namespace)
+    cls: Callable[..., Any] = namespace["Throttle"]
+    return cls
 
 
 NO_BUCKETS: dict[str, Any] = {"key_rpm": None, "key_burst_10s": None}
 
 
 async def measure(
-    sc: ModuleType, server_rules: dict[str, Any], latency: float, n: int, workers: int, make: Callable[[], Throttle]
+    sc: ModuleType, server_rules: dict[str, Any], latency: float, n: int, workers: int, make: Callable[[], Any]
 ) -> dict[str, float]:
     async with sc.throttling_server(latency, **server_rules) as srv:
         throttle = make()
@@ -101,7 +96,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 def row(name: str, m: dict[str, float], base: float | None) -> str:
     ratio = f"{m['s'] / base:5.2f}x" if base else "   --"
     return (
-        f"  {name:<44} {m['s']:6.2f}s {ratio}  429s {m['429s']:5.0f} ({m['share']:6.1%})  "
+        f"  {name:<52} {m['s']:6.2f}s {ratio}  429s {m['429s']:5.0f} ({m['share']:6.1%})  "
         f"mean in flight {m['in_flight']:5.1f}  min limit {m['min_limit']:5.1f}  server peak {m['peak']:3.0f}"
     )
 
@@ -111,52 +106,32 @@ async def main(args: argparse.Namespace) -> None:
     n, lat, rep = args.requests, args.latency, args.repeat
 
     async def med(
-        rules: dict[str, Any], workers: int, make: Callable[[], Throttle], count: int = n, latency: float = lat
+        rules: dict[str, Any], workers: int, make: Callable[[], Any], count: int = n, latency: float = lat
     ) -> dict[str, float]:
         return median_of([await measure(sc, rules, latency, count, workers, make) for _ in range(rep)])
 
+    old = old_throttle()
     print(f"{n} requests, {lat * 1000:.0f} ms streams, medians of {rep}")
     print("1. 3% random 429s (Retry-After 50 ms), 50 workers")
+    noisy = {"random_429": 0.03}
     clean = await med({}, 50, lambda: Throttle(50, **NO_BUCKETS))
     print(row("clean (no 429s)", clean, None))
-    print(
-        row(
-            "3% 429s, Throttle(50)", await med({"random_429": 0.03}, 50, lambda: Throttle(50, **NO_BUCKETS)), clean["s"]
-        )
-    )
-    print(
-        row(
-            "3% 429s, old rule (halve per 429, <= 1/s)",
-            await med({"random_429": 0.03}, 50, lambda: HalvingThrottle(50, **NO_BUCKETS)),
-            clean["s"],
-        )
-    )
+    print(row("3% 429s, Throttle(50)", await med(noisy, 50, lambda: Throttle(50, **NO_BUCKETS)), clean["s"]))
+    if old is not None:
+        print(row("3% 429s, the rule before issue 10", await med(noisy, 50, lambda: old(50)), clean["s"]))
 
     print("2. a 50-stream key (429 above 50 open streams)")
     key = {"max_active": 50}
     fifty = await med(key, 50, lambda: Throttle(50, **NO_BUCKETS))
     print(row("50 workers, Throttle(50)", fifty, None))
-    print(
-        row(
-            "200 workers, Throttle(200) (key ceiling 50)",
-            await med(key, 200, lambda: Throttle(200, **NO_BUCKETS)),
-            fifty["s"],
-        )
-    )
-    print(
-        row(
-            "200 workers, Throttle(200, key_concurrency=None)",
-            await med(key, 200, lambda: Throttle(200, key_concurrency=None, **NO_BUCKETS)),
-            fifty["s"],
-        )
-    )
-    print(
-        row(
-            "200 workers, old rule, no ceiling",
-            await med(key, 200, lambda: HalvingThrottle(200, key_concurrency=None, **NO_BUCKETS)),
-            fifty["s"],
-        )
-    )
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("200 workers, Throttle(200) (key ceiling 50)", lambda: Throttle(200, **NO_BUCKETS)),
+        ("200 workers, Throttle(200, key_concurrency=None)", lambda: Throttle(200, key_concurrency=None, **NO_BUCKETS)),
+    ]
+    if old is not None:
+        cases.append(("200 workers, the rule before issue 10 (no ceiling)", lambda: old(200)))
+    for name, make in cases:
+        print(row(name, await med(key, 200, make), fifty["s"]))
 
     k = args.time_scale
     rpm_window, burst_window = 60.0 / k, 10.0 / k
