@@ -28,12 +28,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["ShareWindow", "Throttle", "ThrottleStatistics", "TokenBucket"]
+__all__ = [
+    "KEY_BURST_10S",
+    "KEY_CONCURRENCY",
+    "KEY_RPM",
+    "REASONS",
+    "ShareWindow",
+    "Throttle",
+    "ThrottleStatistics",
+    "TokenBucket",
+]
 
+# One GonkaGate key's documented allowance (../shared/docs/gonkagate-api.md, "Rate limits").
 KEY_CONCURRENCY = 50
 KEY_RPM = 600
 KEY_BURST_10S = 200
 
+# What ThrottleStatistics.reason may say.
 REASONS = ("ok", "429 slow-down", "key limit", "outage pause", "rpm")
 
 
@@ -237,6 +248,7 @@ class Throttle:
                 self._reason = "outage pause"
                 await asyncio.sleep(self._paused_until - now)
                 continue
+            self._paused_until = 0.0  # over: the hot path may serve again
             if self.in_flight < self.limit and not self._waiters:
                 self.in_flight += 1
                 break
@@ -303,7 +315,6 @@ class Throttle:
     def on_success(self) -> None:
         self._failures_in_a_row = 0
         self._pause_s = 0.0
-        self._paused_until = 0.0
         if self._stale:
             self._stale -= 1
         else:

@@ -209,8 +209,8 @@ async def test_failures_in_a_row_pause_everyone_and_leave_one_probe() -> None:
     assert t.outage_pauses == 1 and t.limit == 1.0 and t.min_limit_seen == 1.0
     assert t.statistics().reason == "outage pause"
     assert not finishes_without_awaiting(t.acquire())
-    t.on_success()  # the probe came back: slow start towards the ceiling
-    assert t.statistics().reason == "ok" and t.limit == 2.0
+    t.on_success()  # one that was in flight came back: slow start, but the pause runs its time
+    assert t.statistics().reason == "outage pause" and t.limit == 2.0
 
 
 async def test_rate_limit_headers_cap_the_buckets() -> None:
@@ -323,3 +323,15 @@ def test_slots_are_never_lost_or_left_free_while_someone_waits(ops: list[str]) -
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+async def test_after_the_pause_one_probe_goes_then_the_hot_path_is_back() -> None:
+    t = Throttle(10, key_rpm=None, key_burst_10s=None, outage_after=1, max_pause_s=0.05)
+    t.on_failure()
+    t0 = asyncio.get_running_loop().time()
+    await t.acquire()  # the probe waits the pause out
+    assert asyncio.get_running_loop().time() - t0 >= 0.04
+    assert not finishes_without_awaiting(t.acquire())  # limit 1: only the probe
+    t.release()
+    t.on_success()
+    assert t.limit == 2.0 and finishes_without_awaiting(t.acquire())
