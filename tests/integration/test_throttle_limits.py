@@ -267,15 +267,17 @@ async def test_without_the_ceiling_the_429_share_finds_the_limit() -> None:
     assert res.ok == n
     assert throttle.slowdowns >= 2 and 25 <= throttle.min_limit_seen <= 60, throttle.min_limit_seen
     assert 30 <= throttle.limit <= 70, throttle.limit
-    late = res.outcomes[len(res.outcomes) // 2 :]  # the first 200-wide burst is refused by design;
-    assert sum(late) / len(late) < 0.05, sum(late) / len(late)  # once found, the limit holds
+    # The first 200-wide burst is refused by design; once the limit is found, it holds.
+    late = res.outcomes[len(res.outcomes) // 2 :]
+    assert sum(late) / len(late) < 0.05, sum(late) / len(late)
 
 
 async def test_the_key_buckets_keep_starts_within_the_servers_buckets() -> None:
     """(c) 600/min with 200 per 10 s, shrunk: knowing the buckets, no 429s; blind, the server refuses."""
     n = 80
-    # minute: 20 per 0.5 s (40/s sustained); burst: 8 per 0.1 s (80/s). 8 at once, 80/s until the
-    # minute bucket runs dry (0.3 s, 32 started), then 40/s: the 80th at (80 - 20) / 40 = 1.5 s.
+    # minute: 20 per 0.5 s (40/s sustained); burst: 8 per 0.1 s (80/s), each less a token of
+    # headroom. 7 at once, 80/s until the minute bucket runs dry (0.3 s), then 40/s: the 80th at
+    # (80 - 19) / 40 = 1.5 s.
     buckets = [(20, 40.0), (8, 80.0)]
     async with throttling_server(0.001, buckets=buckets) as srv:
         throttle = Throttle(50, key_rpm=20, rate_window_s=0.5, key_burst_10s=8, burst_window_s=0.1)
