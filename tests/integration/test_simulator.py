@@ -1346,3 +1346,17 @@ async def test_rich_answers_keep_their_content_under_delays_keepalives_and_a_sta
     [record] = slow.billing.records
     assert record["status"] == "completed" and record["fault"] == "stall"
     assert record["choices"] == fast.billing.records[0]["choices"]
+
+
+def test_run_simulate_meets_the_per_key_limits(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"id": "p{i}", "prompt": "question {i}", "model": "{MODEL}"}}\n' for i in range(56)))
+    res = subprocess.run(
+        [sys.executable, "-m", "batchgate", "run", str(prompts), "--simulate", "--concurrency", "56",
+         "--sim-token-delay", "0.02", "--json", "-q", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = orjson.loads(res.stdout.splitlines()[-1])
+    # 56 streams at once against a 50-stream key: the extra ones are refused, retried, and all finish.
+    assert summary["ok"] == 56 and summary["rate_limited"] >= 1
