@@ -170,6 +170,27 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="N shards, K from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) + 1.",
         ),
         click.option("--rpm", type=click.FloatRange(0, min_open=True), help="Cap on requests started per minute."),
+        click.option(
+            "--key-limits/--no-key-limits",
+            envvar="BATCHGATE_KEY_LIMITS",
+            default=True,
+            show_default=True,
+            help="Stay within one GonkaGate key's limits (50 concurrent, 600/min, 200 per 10 s).",
+        ),
+        click.option(
+            "--key-concurrency",
+            type=click.IntRange(1),
+            default=50,
+            show_default=True,
+            help="Concurrent requests your key allows (raise it only if GonkaGate raised it for you).",
+        ),
+        click.option(
+            "--key-rpm",
+            type=click.FloatRange(0, min_open=True),
+            default=600.0,
+            show_default=True,
+            help="Requests per minute your key allows (the 10-s burst is a third of it).",
+        ),
         click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True),
         click.option(
             "--idle-timeout",
@@ -272,6 +293,9 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         backoff_base_s=opts["backoff"],
         max_cost_usd=opts["max_cost"],
         rpm=opts["rpm"],
+        key_concurrency=opts["key_concurrency"] if opts.get("key_limits", True) else None,
+        key_rpm=opts["key_rpm"] if opts.get("key_limits", True) else None,
+        key_burst_10s=opts["key_rpm"] / 3 if opts.get("key_limits", True) else None,
         grace_s=opts["grace"],
         jobs=[job_name] * len(inputs) if job_name else None,
         chat_defaults=chat,
@@ -287,6 +311,12 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         reask=opts.get("reask") or 0,
         on_length=opts.get("on_length") or "keep",
     )
+    if config.key_concurrency is not None and config.concurrency > config.key_concurrency:
+        click.echo(
+            f"batchgate: warning: GonkaGate allows {config.key_concurrency} concurrent requests per key; running at "
+            f"{config.key_concurrency} (--key-concurrency N if your key allows more)",
+            err=True,
+        )
     return inputs, config, opts
 
 
