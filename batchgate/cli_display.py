@@ -138,6 +138,7 @@ class Log:
         self._console: Any = None  # the rich console while the live panel is up
         self._grace_ends: float | None = None  # monotonic time the first signal's grace runs out
         self._again = "Ctrl-C again"
+        self._told_stop = False
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -155,11 +156,13 @@ class Log:
 
     def start(self, runner: Any, inputs: Sequence[Path | str]) -> None:
         """Name the run and its output directory first: a cron log shows them before anything can go wrong."""
+        if self.quiet:
+            return
         run_id, out = getattr(runner, "run_id", None), str(runner.config.out_dir)
         if self.json:
             names = [str(p) for p in inputs]
             self.emit("start", run_id=run_id, out=out, inputs=names, config=public_config(runner.config))
-        elif not self.quiet:
+        else:
             self.say(f"{now()} start run {run_id} → {out} ({len(inputs)} input{'s' * (len(inputs) != 1)})")
 
     def stopping(self, runner: Any, sig: signal.Signals) -> None:
@@ -228,6 +231,13 @@ class Log:
 
     def _line(self, runner: Any) -> None:
         f = self.fields(runner)
+        if f["stopping"] and self._grace_ends is None and not self._told_stop:
+            self._told_stop = True  # a stop from inside (balance, budget, key): say so now, not after in-flight end
+            message = getattr(runner, "stop_message", None)
+            if self.json:
+                self.emit("stopping", in_flight=f["in_flight"], message=message)
+            else:
+                self.say(f"stopping: {f['in_flight']} in flight, finishing them; {message or ''}".rstrip("; "))
         if self.json:
             self.emit("progress", **f)
             return
@@ -236,7 +246,8 @@ class Log:
         line = (
             f"{now()} progress {f['done']}/{f['total']} ok={f['ok']} failed={f['failed']}{retrying} "
             f"in_flight={f['in_flight']} streaming={f['streaming']} "
-            f"concurrency={f['concurrency']}/{f['concurrency_asked']}{why} "
+            f"concurrency={f['concurrency']}/{f['concurrency_asked']}{why} 429s={f['rate_limited']} "
+            f"outage_pauses={f['outage_pauses']} "
             f"req/s={f['requests_per_s']:.1f} tok/s={f['tokens_per_s']:.0f} usd={f['total_cost_usd']:.6f} "
             f"unconfirmed_usd={f['unconfirmed_cost_usd']:.6f} eta={format_duration(f['eta_s'])}"
         )
@@ -259,6 +270,8 @@ class Log:
             conc += f" ({f['throttle_reason']})"
         if f["rate_limited"]:
             conc += f" · 429s {f['rate_limited']:,}"
+        if f["outage_pauses"]:
+            conc += f" · outage pauses {f['outage_pauses']:,}"
         conc += f" · {f['requests_per_s']:,.1f} req/s · {f['tokens_per_s']:,.0f} tok/s"
         cost = f"cost ${f['total_cost_usd']:.6f} confirmed"
         if f["unconfirmed_cost_usd"]:
@@ -302,6 +315,10 @@ class Log:
             try:
                 while True:
                     f = self.fields(runner)
+                    if not f["total"] and not f["done"] and not f["in_flight"]:
+                        live.update(Text("batchgate: validating inputs…"), refresh=True)
+                        await asyncio.sleep(REFRESH_S)
+                        continue
                     bar.update(
                         task,
                         total=f["total"] or None,

@@ -216,9 +216,12 @@ def test_cron_json_log_is_json_lines_only(tmp_path: Path, simulator: Sim) -> Non
 
 @pytest.mark.parametrize("simulator", [SLOW], indirect=True)
 def test_cron_json_stop_is_an_error_event(tmp_path: Path, simulator: Sim) -> None:
-    res = bg(*run_args(tmp_path, simulator, 100, "--log-format", "json", "--max-cost", "0.001", "--no-report"))
+    args = run_args(tmp_path, simulator, 100, "--log-format", "json", "--log-every", "0.2", "--max-cost", "0.001")
+    res = bg(*args, "--no-report")
     assert res.returncode == 3
     events = _lines(res.stderr)
+    stopping = [i for i, e in enumerate(events) if e["event"] == "stopping"]
+    assert len(stopping) == 1 and "--max-cost" in events[stopping[0]]["message"]  # said when it happened
     errors = [e for e in events if e["event"] == "error"]
     assert errors and "--max-cost" in errors[0]["message"]
     assert events[-1]["event"] == "end" and events[-1]["stop_reason"] == "budget"

@@ -226,8 +226,8 @@ def test_use_it_for_real(sh: Shell) -> None:
 def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
     export = readme("export GONKAGATE_API_KEY=")
     write_prompts(sh.cwd / "prompts.jsonl", 10)
-    assert sh.run(f"{export}\nbatchgate run prompts.jsonl --model m -q").returncode == 0
-    assert sh.run(".venv/bin/batchgate run jobs/demo.jsonl --simulate -q").returncode == 0
+    assert sh.run(f"{export}\nbatchgate run prompts.jsonl --model m -q --no-report").returncode == 0
+    assert sh.run(".venv/bin/batchgate run jobs/demo.jsonl --simulate -q --no-report").returncode == 0
     res = sh.run(readme("batchgate report reports/"))
     assert res.returncode == 0, res.stderr
     # "cost reports across every run below reports/": one table over both runs
@@ -270,18 +270,20 @@ def cron_line(sh: Shell) -> str:
 
 def test_cron_line_logs_json_lines_only_then_a_rerun_resumes(sh: Shell) -> None:
     (sh.cwd / "logs").mkdir()
+    # the job file as shipped; fewer prompts than the shipped 100 (its rpm = 600 would make this a 10 s test)
+    write_prompts(sh.cwd / "jobs/nightly-prompts.jsonl", 20)
     res = sh.run(cron_line(sh), timeout=90)
     assert res.returncode == 0, res.stderr
     assert res.stdout == res.stderr == ""  # everything went to the log
     events = [orjson.loads(x) for x in (sh.cwd / "logs/nightly.log").read_bytes().splitlines()]  # JSON, every line
     assert events[0]["event"] == "start" and events[0]["out"] == "reports/nightly"
-    assert events[-1]["event"] == "end" and events[-1]["ok"] == 100
+    assert events[-1]["event"] == "end" and events[-1]["ok"] == 20
     assert "gp-test" not in (sh.cwd / "logs/nightly.log").read_text()
     # "resume or start the nightly job": the job file's own command resumes, buying nothing
     before = sh.billed()
     again = sh.run(readme("batchgate run jobs/nightly.toml"), GONKAGATE_API_KEY="gp-test")
     assert again.returncode == 0, again.stderr
-    assert "100 already done" in again.stdout and sh.billed() == before
+    assert "20 already done" in again.stdout and sh.billed() == before
 
 
 @pytest.mark.xfail(strict=True, reason="issue 13 §1: the README's cron line appends to logs/, which nothing creates")
