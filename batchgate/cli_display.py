@@ -262,7 +262,7 @@ class Log:
             counts += f" · retrying {f['retrying']:,}"
         counts += f" · in flight {f['in_flight']:,}"
         if f["streaming"] is not None and f["streaming"] != f["in_flight"]:
-            counts += f" ({f['streaming']:,} streaming)"
+            counts += f" ({f['streaming']:,} streaming, {f['in_flight'] - f['streaming']:,} waiting)"
         if f["skipped"]:
             counts += f" · {f['skipped']:,} already done"
         conc = f"concurrency {f['concurrency']}/{f['concurrency_asked']} asked"

@@ -301,7 +301,7 @@ def fake_runner(**over: Any) -> Any:
 def test_panel_says_retrying_concurrency_reason_unconfirmed_and_last_error() -> None:
     log = Log(False, "text", tty=True)
     lines = log.panel_lines(log.fields(fake_runner()), width=60)
-    assert lines[0] == "ok 90 · failed 3 · retrying 5 · in flight 20 (12 streaming) · 7 already done"
+    assert lines[0] == "ok 90 · failed 3 · retrying 5 · in flight 20 (12 streaming, 8 waiting) · 7 already done"
     assert lines[1].startswith("concurrency 12/64 asked (key limit) · 429s 4 · ")
     assert lines[2] == "cost $0.250000 confirmed · ~$0.012500 unconfirmed"
     assert lines[3] == "last error: HTTP 503 from the server: upstream timeout"
