@@ -358,6 +358,24 @@ class Log:
             if s.unconfirmed_unpriced_tokens:
                 extra += f"; {s.unconfirmed_unpriced_tokens} tokens not priced"
             lines.append(extra + ")")
+        if s.possibly_billed_attempts:
+            unpriced = f", {s.possibly_billed_unpriced} not priced" if s.possibly_billed_unpriced else ""
+            lines.append(
+                f"  possibly billed  up to ${s.possibly_billed_usd:.6f} for {s.possibly_billed_attempts} attempt(s)"
+                f" in flight when a run of this directory died{unpriced}"
+            )
+        if s.stale:
+            lines.append(
+                f"  changed   {s.stale} answered prompt(s) changed since (prompt, model or defaults): asked again"
+            )
+        if s.warnings:
+            odd = ", ".join(f"{k} {v}" for k, v in sorted(s.warnings.items()))
+            lines.append(f"  warnings  {odd} (answers kept; see the ledger's warnings column)")
+        if s.invalid or s.reasks or s.length_cut:
+            lines.append(
+                f"  answers   {s.invalid} not matching the schema (kept, valid: false), {s.reasks} re-asks "
+                f"(${s.reask_cost_usd:.6f}, in the cost above), {s.length_cut} cut at max_tokens"
+            )
         if s.failures_by_cause:
             causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
             lines.append(f"  failures  {causes}")

@@ -207,7 +207,7 @@ def test_cron_json_log_is_json_lines_only(tmp_path: Path, simulator: Sim) -> Non
         assert key in progress[-1], key
     ends = [e for e in events if e["event"] == "end"]
     assert len(ends) == 1 and events[-1] is ends[0] and ends[0]["ok"] + ends[0]["failed"] == 40
-    assert {e["event"] for e in events} <= {"start", "progress", "end", "error", "stopping", "abandoning"}
+    assert {e["event"] for e in events} <= {"start", "progress", "end", "error", "warning", "stopping", "abandoning"}
     # stdout: only --json's final line (no summary table, no report table)
     out = res.stdout.splitlines()
     assert len(out) == 1 and orjson.loads(out[0])["run_id"] == start["run_id"]
