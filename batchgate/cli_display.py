@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import click
 import orjson
 
+from .config import public_settings
 from .models import RunSummary
 
 __all__ = ["REFRESH_S", "Log", "format_duration", "now", "signals"]
@@ -33,8 +33,6 @@ __all__ = ["REFRESH_S", "Log", "format_duration", "now", "signals"]
 REFRESH_S = 0.25
 #: Seconds of history the request and token rates (and so the ETA) are measured over.
 RATE_WINDOW_S = 30.0
-#: Config fields never shown or logged.
-SECRET_FIELDS = frozenset({"api_key"})
 
 
 def now() -> str:
@@ -51,15 +49,6 @@ def format_duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def public_config(config: Any) -> dict[str, Any]:
-    """The run's effective settings as JSON-ready values, minus the API key."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    else:
-        items = dict(vars(config)) if hasattr(config, "__dict__") else {}
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in items.items() if k not in SECRET_FIELDS}
 
 
 def _count(value: Any) -> int | None:
@@ -161,7 +150,7 @@ class Log:
         run_id, out = getattr(runner, "run_id", None), str(runner.config.out_dir)
         if self.json:
             names = [str(p) for p in inputs]
-            self.emit("start", run_id=run_id, out=out, inputs=names, config=public_config(runner.config))
+            self.emit("start", run_id=run_id, out=out, inputs=names, config=public_settings(runner.config))
         else:
             self.say(f"{now()} start run {run_id} → {out} ({len(inputs)} input{'s' * (len(inputs) != 1)})")
 
@@ -326,7 +315,9 @@ class Log:
                         count=f"{f['done']:,}/{f['total']:,}",
                         eta="stopping" if f["stopping"] else f"ETA {format_duration(f['eta_s'])}",
                     )
-                    lines = [Text(line, no_wrap=True, overflow="ellipsis") for line in self.panel_lines(f)]
+                    lines = [
+                        Text(line, no_wrap=True, overflow="ellipsis") for line in self.panel_lines(f, console.width)
+                    ]
                     if f["stopping"]:
                         stop = Text(self.stop_line(runner, f), style="yellow", no_wrap=True, overflow="ellipsis")
                         lines.append(stop)
