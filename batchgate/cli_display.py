@@ -162,7 +162,10 @@ class Log:
         if self.json:
             self.emit("stopping", signal=sig.name, in_flight=n, grace_s=grace)
         else:
-            self.say(f"stopping: {n} in flight, finishing them (up to {grace:g}s); {again} to abandon them")
+            if n:
+                self.say(f"stopping: {n} in flight, finishing them (up to {grace:g}s); {again} to abandon them")
+            else:
+                self.say("stopping: nothing in flight")
 
     def abandoning(self, runner: Any) -> None:
         if self.json:
