@@ -356,7 +356,7 @@ def run(ctx: click.Context, **opts: Any) -> None:
     runner = Runner(inputs, config)
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
     for notice in runner.notices:
-        log.error(notice)
+        log.notice(notice)
     log.summary(summary, runner.stop_message)
     if not opts["no_report"]:
         _write_reports(config.out_dir, opts["quiet"] or log.json)  # json: the end event says it all

@@ -173,6 +173,13 @@ class Log:
         else:
             self.say(f"abandoning {runner.in_flight} in flight; their prompts are retried on resume")
 
+    def notice(self, message: str) -> None:
+        """Something to know that is not an error (a torn line set aside, typo warnings): a `warning` event."""
+        if self.json:
+            self.emit("warning", message=message)
+        else:
+            self.say(f"batchgate: {message}")
+
     def error(self, message: str) -> None:
         if self.json:
             self.emit("error", message=message)

@@ -340,3 +340,16 @@ def test_eta_comes_from_the_recent_rate() -> None:
 )
 def test_format_duration(seconds: float | None, shown: str) -> None:
     assert format_duration(seconds) == shown
+
+
+@pytest.mark.parametrize("simulator", [[]], indirect=True)
+def test_cron_json_input_warnings_are_warning_events(tmp_path: Path, simulator: Sim) -> None:
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi", "temprature": 0.5}\n{"id": "b", "prompt": "there"}\n')
+    res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
+             "--no-report", "--log-format", "json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    events = _lines(res.stderr)
+    warnings = [e for e in events if e["event"] == "warning"]
+    assert warnings and "temprature" in warnings[0]["message"] and "temperature" in warnings[0]["message"]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
