@@ -236,3 +236,34 @@ async def test_a_table_with_a_template_runs_and_an_edited_cell_is_asked_again(tm
         second = await Runner([table], cfg).run()
     assert (first.ok, second.requests, second.stale, second.skipped) == (2, 1, 1, 1)
     assert sorted(r["id"] for r in rows(out)) == ["a", "b", "b"]
+
+
+async def test_a_resumed_start_begins_after_the_done_prefix_and_never_rebuys(tmp_path: Path) -> None:
+    from batchgate.ledger import INDEX_NAME
+    from batchgate.resume import VALIDATED_NAME
+
+    many = {f"p{i}": f"prompt {i}" for i in range(200)}
+    src = write_prompts(tmp_path / "p.jsonl", many)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=5)) as sim:
+        # Stopped early by its budget: the prefix ends where the first unanswered request is.
+        first = await Runner([src], config(out, sim.base_url, max_cost_usd=0.001, default_max_tokens=64)).run()
+        assert first.stop_reason == "budget" and 0 < first.ok < 200
+        assert (out / VALIDATED_NAME).exists() and (out / INDEX_NAME).exists()
+        second_runner = Runner([src], config(out, sim.base_url))
+        second = await second_runner.run()
+        assert second_runner._prefix is not None and second_runner._prefix[2] > 0  # started past the prefix
+        assert second.ok + first.ok == 200 and second.skipped == first.ok
+        third_runner = Runner([src], config(out, sim.base_url))
+        third = await third_runner.run()
+        assert third_runner._prefix == (1, 0, 200) and (third.requests, third.skipped) == (0, 200)
+        billed = [b["client_request_id"] for b in sim.billing.completed()]
+    assert sorted(billed) == sorted(many)  # every answer bought exactly once
+    ok = [r["id"] for r in rows(out) if r["status"] == "ok"]
+    assert sorted(ok) == sorted(many)
+    # An edited input is a new identity: no shortcut, and the edit is found.
+    write_prompts(src, {**many, "p7": "changed"})
+    async with running_simulator(SimulatorConfig(seed=5)) as sim:
+        fourth_runner = Runner([src], config(out, sim.base_url))
+        fourth = await fourth_runner.run()
+    assert fourth_runner._prefix is None and (fourth.stale, fourth.requests) == (1, 1)
