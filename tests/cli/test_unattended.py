@@ -157,7 +157,7 @@ def test_json_log_lines_for_log_shippers(tmp_path: Path, simulator: Sim) -> None
              "--no-report", "--log-format", "json")  # fmt: skip
     assert res.returncode == 0
     events = [orjson.loads(line) for line in res.stderr.splitlines()]
-    assert events[-1]["event"] == "summary" and events[-1]["ok"] == 5
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end" and events[-1]["ok"] == 5
 
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path, simulator: Sim) -> None:
