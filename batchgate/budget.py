@@ -68,22 +68,22 @@ SCOPES = ("total", "daily", "monthly")
 class CapSpec:
     """The caps a run enforces, in USD; None means no such cap."""
 
-    max_total_usd: float | None = None
-    daily_usd: float | None = None
-    monthly_usd: float | None = None
+    max_total_cost_usd: float | None = None
+    daily_cap_usd: float | None = None
+    monthly_cap_usd: float | None = None
 
     def __post_init__(self) -> None:
         for name, flag in (
-            ("max_total_usd", "--max-total-cost"),
-            ("daily_usd", "--daily-cap"),
-            ("monthly_usd", "--monthly-cap"),
+            ("max_total_cost_usd", "--max-total-cost"),
+            ("daily_cap_usd", "--daily-cap"),
+            ("monthly_cap_usd", "--monthly-cap"),
         ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise InputError(f"{flag} must be a USD amount >= 0, not {value!r}")
 
     def limit(self, scope: str) -> float | None:
-        return {"total": self.max_total_usd, "daily": self.daily_usd, "monthly": self.monthly_usd}[scope]
+        return {"total": self.max_total_cost_usd, "daily": self.daily_cap_usd, "monthly": self.monthly_cap_usd}[scope]
 
     @property
     def any(self) -> bool:
@@ -519,7 +519,7 @@ class CapBook:
             if out_dir is not None:
                 fd = _open_spend_file(out_dir / SPEND_NAME, create=True)
                 assert fd is not None
-                mine = {"total": caps.max_total_usd} if caps.max_total_usd is not None else {}
+                mine = {"total": caps.max_total_cost_usd} if caps.max_total_cost_usd is not None else {}
                 if budget_file is None:
                     mine.update(calendar)
                 store = _Store(_SpendFile(out_dir / SPEND_NAME, fd), {k: float(v) for k, v in mine.items()}, book)

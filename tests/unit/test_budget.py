@@ -113,16 +113,16 @@ def test_tally_skips_bad_records_and_counts_open_leases() -> None:
 
 def test_cap_spec_refuses_negative_or_nan() -> None:
     with pytest.raises(InputError, match="--daily-cap"):
-        CapSpec(daily_usd=-1)
+        CapSpec(daily_cap_usd=-1)
     with pytest.raises(InputError, match="--max-total-cost"):
-        CapSpec(max_total_usd=float("nan"))
+        CapSpec(max_total_cost_usd=float("nan"))
 
 
 # ------------------------------------------------------------------ one book
 
 
 def test_reserve_until_the_cap_refuses_then_close_gives_back(tmp_path: Path) -> None:
-    book = CapBook.open(CapSpec(daily_usd=1.0), tmp_path, now=Clock(T0))
+    book = CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path, now=Clock(T0))
     spent = 0.0
     while (r := book.try_reserve(0.03)) is not None:
         book.settle(r, 0.01)  # answers cost a third of their worst case
@@ -139,13 +139,13 @@ def test_reserve_until_the_cap_refuses_then_close_gives_back(tmp_path: Path) -> 
 def test_total_cap_holds_over_resumed_runs(tmp_path: Path) -> None:
     spent = 0.0
     for _ in range(3):
-        with CapBook.open(CapSpec(max_total_usd=0.01), tmp_path, now=Clock(T0)) as book:
+        with CapBook.open(CapSpec(max_total_cost_usd=0.01), tmp_path, now=Clock(T0)) as book:
             assert book.exhausted() is None or spent >= 0.01 - 0.002
             while (r := book.try_reserve(0.002)) is not None:
                 book.settle(r, 0.002)
                 spent += 0.002
     assert spent == pytest.approx(0.01)
-    with CapBook.open(CapSpec(max_total_usd=0.01), tmp_path, now=Clock(T0)) as book:
+    with CapBook.open(CapSpec(max_total_cost_usd=0.01), tmp_path, now=Clock(T0)) as book:
         stop = book.exhausted(0.001)
         assert stop is not None and stop.scope == "total"
         assert "total cap $0.01 used up: $0.01 spent by all runs" in stop.message
@@ -153,20 +153,20 @@ def test_total_cap_holds_over_resumed_runs(tmp_path: Path) -> None:
 
 def test_prior_spend_from_the_ledger_is_carried_once(tmp_path: Path) -> None:
     for _ in range(2):
-        CapBook.open(CapSpec(max_total_usd=1.0), tmp_path, now=Clock(T0), prior_spend_usd=0.4).close()
+        CapBook.open(CapSpec(max_total_cost_usd=1.0), tmp_path, now=Clock(T0), prior_spend_usd=0.4).close()
     status = {s.scope: s for s in budget_status(tmp_path, now=T0).scopes}
     assert status["total"].settled_usd == pytest.approx(0.4)
-    with CapBook.open(CapSpec(max_total_usd=1.0), tmp_path, now=Clock(T0)) as book:
+    with CapBook.open(CapSpec(max_total_cost_usd=1.0), tmp_path, now=Clock(T0)) as book:
         assert book.try_reserve(0.61) is None
         assert book.try_reserve(0.6) is not None
 
 
 def test_exhausted_message_at_start(tmp_path: Path) -> None:
-    with CapBook.open(CapSpec(daily_usd=1.0), tmp_path, now=Clock(T0)) as book:
+    with CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path, now=Clock(T0)) as book:
         r = book.try_reserve(0.99)
         assert r is not None
         book.settle(r, 0.99)
-    with CapBook.open(CapSpec(daily_usd=1.0), tmp_path, now=Clock(T0)) as book:
+    with CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path, now=Clock(T0)) as book:
         assert book.exhausted() is None  # a cent is left
         stop = book.exhausted(need_usd=0.02)
         assert stop is not None
@@ -175,7 +175,7 @@ def test_exhausted_message_at_start(tmp_path: Path) -> None:
 
 def test_a_new_utc_day_frees_the_daily_cap_but_not_the_month(tmp_path: Path) -> None:
     clock = Clock(datetime(2026, 12, 1, 23, 59, tzinfo=UTC))
-    book = CapBook.open(CapSpec(daily_usd=1.0, monthly_usd=1.5), tmp_path, now=clock)
+    book = CapBook.open(CapSpec(daily_cap_usd=1.0, monthly_cap_usd=1.5), tmp_path, now=clock)
     r = book.try_reserve(0.9)
     assert r is not None
     clock.at += timedelta(minutes=2)  # midnight passes while the request is in flight
@@ -193,7 +193,7 @@ def test_a_new_utc_day_frees_the_daily_cap_but_not_the_month(tmp_path: Path) -> 
 
 
 def test_an_answer_dearer_than_its_reservation_is_recorded_as_it_is(tmp_path: Path) -> None:
-    with CapBook.open(CapSpec(max_total_usd=1.0), tmp_path, now=Clock(T0), lease_fraction=0.0) as book:
+    with CapBook.open(CapSpec(max_total_cost_usd=1.0), tmp_path, now=Clock(T0), lease_fraction=0.0) as book:
         r = book.try_reserve(0.1)
         assert r is not None
         book.settle(r, 0.3)  # the server ignored max_tokens
@@ -202,7 +202,7 @@ def test_an_answer_dearer_than_its_reservation_is_recorded_as_it_is(tmp_path: Pa
 
 
 def test_a_killed_process_lease_stays_counted(tmp_path: Path) -> None:
-    book = CapBook.open(CapSpec(daily_usd=1.0), tmp_path, now=Clock(T0))
+    book = CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path, now=Clock(T0))
     assert book.try_reserve(0.2) is not None
     for store in book.stores:  # what kill -9 does: the fd goes, nothing is settled
         store.file.close()
@@ -214,7 +214,7 @@ def test_a_killed_process_lease_stays_counted(tmp_path: Path) -> None:
     status = {s.scope: s for s in budget_status(tmp_path, now=T0).scopes}
     assert status["daily"].possibly_spent_usd == pytest.approx(0.2)  # the 5 % lease could cover 0.2: 0.2 leased
     assert status["daily"].settled_usd == 0
-    with CapBook.open(CapSpec(daily_usd=1.0), tmp_path, now=Clock(T0)) as other:
+    with CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path, now=Clock(T0)) as other:
         assert other.try_reserve(0.81) is None
         assert other.try_reserve(0.8) is not None
 
@@ -230,7 +230,7 @@ def _dead_pid() -> int:
 def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next_record(tmp_path: Path) -> None:
     path = tmp_path / SPEND_NAME
     path.write_bytes(b'{"op":"spend","usd":0.5,"day":"2026-12-01","month":"2026-12"}\n{"op":"lea')
-    with CapBook.open(CapSpec(daily_usd=1.0), tmp_path, now=Clock(T0), lease_fraction=0.0) as book:
+    with CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path, now=Clock(T0), lease_fraction=0.0) as book:
         r = book.try_reserve(0.25)
         assert r is not None
         book.settle(r, 0.25)
@@ -245,20 +245,22 @@ def test_a_symlinked_budget_file_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "budget.jsonl"
     link.symlink_to(real)
     with pytest.raises(InputError, match="symbolic link"):
-        CapBook.open(CapSpec(daily_usd=1.0), tmp_path / "out", link)
+        CapBook.open(CapSpec(daily_cap_usd=1.0), tmp_path / "out", link)
     with pytest.raises(InputError, match="symbolic link"):
         budget_status(None, link)
 
 
 def test_a_directory_as_budget_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="budget file"):
-        CapBook.open(CapSpec(daily_usd=1.0), None, tmp_path)
+        CapBook.open(CapSpec(daily_cap_usd=1.0), None, tmp_path)
 
 
 def test_budget_file_keeps_calendar_caps_out_dir_keeps_the_total(tmp_path: Path) -> None:
     shared = tmp_path / "shared.jsonl"
     for out in ("a", "b"):
-        with CapBook.open(CapSpec(max_total_usd=0.5, daily_usd=0.6), tmp_path / out, shared, now=Clock(T0)) as book:
+        with CapBook.open(
+            CapSpec(max_total_cost_usd=0.5, daily_cap_usd=0.6), tmp_path / out, shared, now=Clock(T0)
+        ) as book:
             got = 0.0
             while (r := book.try_reserve(0.05)) is not None:
                 book.settle(r, 0.05)
@@ -306,7 +308,7 @@ def test_books_sharing_a_file_never_jointly_pass_a_cap(
 ) -> None:  # fmt: skip
     out = tmp_path_factory.mktemp("out")
     clock = Clock(datetime(2026, 12, 1, 20, tzinfo=UTC))
-    caps = CapSpec(max_total_usd=total, daily_usd=daily)
+    caps = CapSpec(max_total_cost_usd=total, daily_cap_usd=daily)
     books: dict[int, CapBook] = {}
     inflight: dict[int, list[tuple[object, float, str]]] = {}
     truth: dict[str, float] = {}  # what may have been billed, by day of reservation
