@@ -93,7 +93,7 @@ def test_processes_killed_at_random_never_let_the_cap_pass(tmp_path: Path) -> No
     for seed, p in enumerate(procs[:4]):
         deadline = time.monotonic() + 60
         wanted = rng.randint(1, 6)
-        while _output(tmp_path, seed).count("\nS ") < wanted and time.monotonic() < deadline:
+        while _output(tmp_path, seed).count("\nS ") < wanted and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.03))
         os.kill(p.pid, signal.SIGKILL)
