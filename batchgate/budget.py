@@ -300,7 +300,9 @@ def _open_spend_file(path: Path, *, create: bool) -> int | None:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise InputError(f"{path}: is a symbolic link; give the budget file's real path") from None
+            raise InputError(
+                f"{path}: is a symbolic link; spend is only recorded in a real file (give its path)"
+            ) from None
         raise InputError(f"{path}: cannot open the budget file ({exc.strerror})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

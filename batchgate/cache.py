@@ -56,6 +56,7 @@ CACHED_FIELDS: tuple[str, ...] = (
     "platform_fee_usd",
     "total_cost_usd",
     "cost_status",
+    "usage_raw",
     "warnings",
     "request_id",
     "started_at",
@@ -104,6 +105,7 @@ def row_from_cache(entry: Mapping[str, Any]) -> dict[str, Any]:
     stays the id of the request that bought the answer.
     """
     row = {k: entry.get(k) for k in CACHED_FIELDS}
+    row["cached_at"] = entry.get("cached_at")
     original = entry.get("total_cost_usd")
     row.update(
         status="ok",
@@ -176,23 +178,26 @@ class AnswerCache:
         return cls(path, conn)
 
     def get(self, fingerprint: str) -> dict[str, Any] | None:
-        """The stored answer (its CACHED_FIELDS), or None; counts a hit."""
+        """The stored answer (its CACHED_FIELDS plus ``cached_at``, UTC ISO-8601), or None; counts a hit."""
         queued = self._pending.get(fingerprint)
         if queued is not None:
-            blob: bytes | None = queued[2]
+            blob, created = queued[2], time.time()
         else:
             with self._lock:
                 try:
-                    found = self._conn.execute("SELECT row FROM answers WHERE fp = ?", (fingerprint,)).fetchone()
+                    found = self._conn.execute(
+                        "SELECT row, created_at FROM answers WHERE fp = ?", (fingerprint,)
+                    ).fetchone()
                 except sqlite3.Error as exc:
                     raise CacheError(f"{self.path}: cannot read the answer cache ({exc})") from None
-            blob = found[0] if found else None
-        if blob is None:
-            return None
+            if found is None:
+                return None
+            blob, created = found
         self._hits[fingerprint] = self._hits.get(fingerprint, 0) + 1
         if self.pending >= FLUSH_EVERY:
             self.flush()
         entry: dict[str, Any] = orjson.loads(blob)
+        entry["cached_at"] = datetime.fromtimestamp(created, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         return entry
 
     def put(self, fingerprint: str, row: Mapping[str, Any]) -> None:

@@ -91,6 +91,7 @@ def test_put_flush_get_round_trip_across_opens(tmp_path: Path) -> None:
         assert entry is not None
         assert entry["content"] == "hello" and entry["request_id"] == "req-1" and entry["total_cost_usd"] == 0.002
         assert "run_id" not in entry and "attempts" not in entry  # run fields are not the answer's
+        assert entry["cached_at"].startswith(time.strftime("%Y-", time.gmtime())) and entry["cached_at"].endswith("Z")
         cache.flush()
         stats = cache.stats()
     assert stats.entries == 1 and stats.hits == 2
