@@ -57,6 +57,7 @@ __all__ = [
 SPEND_NAME = "spend.jsonl"
 LEASE_FRACTION = 0.05
 LEASE_TTL_S = 3600.0
+FLUSH_EVERY_S = 1.0
 _EPS = 1e-12  # float noise below a nano-cent is not money
 
 # ---------------------------------------------------------------- pure: caps, calendar, arithmetic
@@ -495,6 +496,7 @@ class CapBook:
         self.lease_fraction = lease_fraction
         self.host = host
         self.refused: CapStop | None = None
+        self._last_flush = time.monotonic()
         for s in stores:
             s.book = self
 
@@ -611,8 +613,14 @@ class CapBook:
             if h is not store.current and h.outstanding <= _EPS:
                 store.settle_done()
 
-    def flush(self) -> None:
-        """Write spend that is not under a lease (stores without a cap); call it with the ledger's flush."""
+    def flush(self, *, force: bool = False) -> None:
+        """Write spend not under a lease (stores without a cap); call it with the ledger's flush.
+
+        At most once a second unless ``force``: each write is an fsync, and the ledger keeps the rows anyway.
+        """
+        if not force and time.monotonic() - self._last_flush < FLUSH_EVERY_S:
+            return
+        self._last_flush = time.monotonic()
         for store in self.stores:
             if store.unleased:
                 store.settle_done()
