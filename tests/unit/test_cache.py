@@ -35,7 +35,7 @@ def row(content: str = "hello", cost: float = 0.002, **extra: Any) -> dict[str, 
 
 def test_fingerprint_is_the_contract_formula() -> None:
     want = hashlib.blake2b(orjson.dumps(BODY, option=orjson.OPT_SORT_KEYS), digest_size=16)
-    want.update(b"\nsample=0")
+    want.update(b"\x00sample=0")
     assert request_fingerprint(BODY) == want.hexdigest()
     assert len(request_fingerprint(BODY)) == 32
 
