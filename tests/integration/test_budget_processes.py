@@ -41,7 +41,8 @@ print("DONE", book.refused.message if book.refused else "", flush=True)
 def _spawn(tmp_path: Path, budget: Path, cap: float, seed: int, pause: float = 0.002) -> subprocess.Popen[bytes]:
     """A worker whose stdout goes to ``out-SEED.txt`` (a file, so reading it early loses nothing)."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    if not script.exists():  # rewriting it while an earlier worker starts up would hand that one half a script
+        script.write_text(WORKER)
     with open(tmp_path / f"out-{seed}.txt", "wb") as out:
         return subprocess.Popen(
             [sys.executable, str(script), str(budget), str(cap), str(seed), str(pause)], stdout=out, stderr=out
@@ -96,7 +97,8 @@ def test_processes_killed_at_random_never_let_the_cap_pass(tmp_path: Path) -> No
         while _output(tmp_path, seed).count("\nS ") < wanted and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.03))
-        os.kill(p.pid, signal.SIGKILL)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
     for p in procs:
         p.wait(timeout=120)
     killed = [p for p in procs[:4] if p.returncode == -signal.SIGKILL]
