@@ -32,6 +32,12 @@ class RunConfig:
     backoff_max_s: float = 30.0
     max_cost_usd: float | None = None
     rpm: float | None = None
+    max_total_cost_usd: float | None = None  # over every run of out_dir, resumed or not (state in out_dir)
+    daily_cap_usd: float | None = None  # per UTC day, in out_dir or in budget_file shared by several jobs
+    monthly_cap_usd: float | None = None
+    budget_file: Path | None = None  # a locked file several jobs or cron entries share their calendar caps in
+    cache_dir: Path | None = None  # content-addressed answers shared across runs and directories (opt-in)
+    cache_nondeterministic: bool = False  # also cache answers at temperature > 0 (or none given)
     # What one GonkaGate key allows (the docs' rate-limit table); None lifts a limit.
     key_concurrency: int | None = 50
     key_rpm: float | None = 600.0

@@ -40,9 +40,17 @@ _SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
     "template": ((str,), "template"),
     "system_template": ((str,), "system_template"),
     "id_column": ((str,), "id_column"),
+    "samples": ((int,), "samples"),
+    "max_total_cost_usd": ((int, float), "max_total_cost"),
+    "daily_cap_usd": ((int, float), "daily_cap"),
+    "monthly_cap_usd": ((int, float), "monthly_cap"),
+    "reask": ((int,), "reask"),
+    "on_length": ((str,), "on_length"),
 }
+#: Paths, relative to the job file (like its inputs).
+_PATHS = {"budget_file": "budget_file", "cache": "cache_dir", "json_schema": "json_schema"}
 _TEMPLATE_FILES = {"template_file": "template", "system_template_file": "system_template"}
-_KNOWN = {"name", "inputs", "out", "chat", *_SCALARS, *_TEMPLATE_FILES}
+_KNOWN = {"name", "inputs", "out", "chat", *_SCALARS, *_TEMPLATE_FILES, *_PATHS}
 
 
 @dataclass
@@ -108,6 +116,13 @@ def load_job(path: str | Path) -> JobSpec:
         if isinstance(value, str) and not value.strip() and key in ("template", "system_template", "id_column"):
             raise bad(key, "must not be empty")
         settings[option] = value
+    for key, option in _PATHS.items():
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                raise bad(key, "must be a path (relative to the job file)")
+            settings[option] = path.parent / data[key]
+    if settings.get("on_length", "keep") not in ("keep", "fail", "reask"):
+        raise bad("on_length", "must be keep, fail or reask")
     for key, option in _TEMPLATE_FILES.items():
         if key not in data:
             continue

@@ -36,6 +36,7 @@ __all__ = [
     "PossiblyBilled",
     "ResumeIndex",
     "complete_end",
+    "ledger_spend",
     "lock_output_dir",
     "read_possibly_billed",
     "row_key",
@@ -829,3 +830,22 @@ def read_possibly_billed(out_dir: Path) -> PossiblyBilled:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
     return total
+
+
+def ledger_spend(path: Path) -> float:
+    """What a ledger's rows say was spent: confirmed plus estimated unconfirmed (a streaming, exact sum)."""
+    from .pricing import RunningSum
+
+    total = RunningSum()
+    if not path.is_file():
+        return 0.0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = orjson.loads(line)
+                cost = float(row.get("total_cost_usd") or 0.0) + float(row.get("unconfirmed_cost_usd") or 0.0)
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue
+            if math.isfinite(cost) and cost > 0:
+                total.add(cost)
+    return total.value

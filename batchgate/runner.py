@@ -27,7 +27,9 @@ import orjson
 
 from . import account, jobs, resume
 from .account import Balance
-from .accounting import Accounts, combine_charges
+from .accounting import Accounts, Charge, combine_charges
+from .budget import SPEND_NAME, CapBook, CapSpec, Reservation
+from .cache import AnswerCache, cacheable, row_from_cache
 from .client import (
     AttemptLimits,
     Completion,
@@ -41,6 +43,7 @@ from .config import RunConfig, input_options, public_settings
 from .errors import (
     ApiError,
     AuthError,
+    BatchgateError,
     InputError,
     InsufficientBalance,
     Interrupted,
@@ -50,7 +53,7 @@ from .errors import (
     RetryableError,
 )
 from .fingerprint import request_fingerprint
-from .ledger import DonePrefix, IntentLog, Ledger, PossiblyBilled, lock_output_dir, row_key, write_atomic
+from .ledger import DonePrefix, IntentLog, Ledger, PossiblyBilled, ledger_spend, lock_output_dir, row_key, write_atomic
 from .models import PromptRecord, RunSummary, StopReason
 from .pricing import Budget, PriceBook
 from .retry import Outcome, RetryPolicy
@@ -126,6 +129,11 @@ class Runner:
         self._any_response = False
         self._ledger_error: LedgerError | None = None
         self._possibly_billed = PossiblyBilled()
+        self._settled = asyncio.Event()  # set (and replaced) each time a request settles its reservation
+        self._reservations_out = 0
+        self.caps: CapBook | None = None  # caps across runs (--max-total-cost, --daily-cap, --monthly-cap)
+        self.cache: AnswerCache | None = None
+        self._last_row: dict[str, Any] | None = None
         self._inputs_key: str | None = None
         self._models: dict[str, list[Any]] = {}  # model -> [path, line, records] of the inputs
         self.balance: Balance | None = None  # the key's balance at start, where the API tells it
@@ -141,6 +149,11 @@ class Runner:
         )
 
     # -- control ---------------------------------------------------------------------------------
+
+    @property
+    def _admitting(self) -> bool:
+        """Whether each request must reserve its worst case first (a budget or a cap is set)."""
+        return self.budget is not None or self.caps is not None
 
     @property
     def stopping(self) -> bool:
@@ -213,6 +226,7 @@ class Runner:
                 self.notices.append(f"{index.spilled_rows} row(s) an earlier run could not write were folded back in")
             self._answers = index.answers
             self._possibly_billed = self._intents.open()
+            self._open_caps_and_cache()
             records = self._pending_records()
             self._write_run_file(finished=False)
             session = make_session(
@@ -246,6 +260,7 @@ class Runner:
                 clean = self._ledger_error is None and not any(isinstance(r, BaseException) for r in results)
                 self._intents.flush()
                 self._possibly_billed.add(self._intents.close(clean=clean))
+                self._close_caps_and_cache()
                 self._finish()
                 self._write_run_file(finished=True)
         finally:
@@ -256,6 +271,28 @@ class Runner:
         if self._ledger_error is not None:
             raise self._ledger_error
         return self.summary
+
+    def _open_caps_and_cache(self) -> None:
+        """Caps shared across runs (a stop now when one is used up) and the answer cache, if asked for."""
+        cfg = self.config
+        spec = CapSpec(cfg.max_total_cost_usd, cfg.daily_cap_usd, cfg.monthly_cap_usd)
+        if spec.max_total_cost_usd is not None or spec.daily_cap_usd is not None or spec.monthly_cap_usd is not None:
+            prior = 0.0
+            if not (cfg.out_dir / SPEND_NAME).exists():  # an older directory: its ledger's spend carries over once
+                prior = ledger_spend(self._ledger.path) + self._possibly_billed.usd
+            self.caps = CapBook.open(spec, cfg.out_dir, cfg.budget_file, prior_spend_usd=prior)
+            stop = self.caps.exhausted()
+            if stop is not None:
+                self.request_stop(StopReason.CAP, f"{stop.message}. Rerun after it resets, or raise the cap.")
+        if cfg.cache_dir is not None:
+            self.cache = AnswerCache.open(cfg.cache_dir)
+
+    def _close_caps_and_cache(self) -> None:
+        for thing in (self.caps, self.cache):
+            if thing is not None:
+                with contextlib.suppress(BatchgateError, OSError):  # the ledger already holds the truth
+                    thing.flush()
+                thing.close()
 
     def _input_options(self) -> dict[str, Any]:
         return input_options(self.config)
@@ -419,11 +456,14 @@ class Runner:
         for rec, body_obj, fingerprint, seq in records:
             if self._stop_reason is not None:
                 return
+            if self.cache is not None and self._from_cache(rec, body_obj, fingerprint, seq):
+                continue
             worst = self._worst_case(rec, body_obj)
-            reserved = await self._admit(rec, worst) if self.budget is not None else 0.0
-            if reserved is None:
+            admitted = await self._admit(rec, worst) if self._admitting else (0.0, None)
+            if admitted is None:
                 return
-            await self._serve(rec, body_obj, fingerprint, seq, worst, reserved, session, policy, url)
+            reserved, ticket = admitted
+            await self._serve(rec, body_obj, fingerprint, seq, worst, reserved, ticket, session, policy, url)
             if self._stop_reason is not None:
                 return
 
@@ -435,6 +475,7 @@ class Runner:
         seq: int,
         worst: float | None,
         reserved: float,
+        ticket: Reservation | None,
         session: Any,
         policy: RetryPolicy,
         url: str,
@@ -470,17 +511,17 @@ class Runner:
         t0 = time.monotonic()
         prior: list[Outcome] = []  # paid answers a re-ask replaced
         verdict: Verdict | None = None
+        tickets: list[tuple[float, Reservation | None]] = [(reserved, ticket)]
         self.in_flight += 1
         try:
             outcome = await policy.run(attempt_with(orjson.dumps(body_obj), worst))
             verdict, follow_up = self._follow_up(outcome, body_obj, len(prior))
             while follow_up is not None:
                 again = self._worst_case(rec, follow_up)
-                if self.budget is not None and (again is None or not self.budget.try_reserve(again)):
+                if self._admitting and not self._reserve_more(again, tickets):
                     break  # no budget for a re-ask: keep the answer we have
                 self._settle_outcome(rec, outcome, prior)
                 prior.append(outcome)
-                reserved += again or 0.0
                 body_obj = follow_up
                 outcome = await policy.run(attempt_with(orjson.dumps(follow_up), again))
                 verdict, follow_up = self._follow_up(outcome, body_obj, len(prior))
@@ -491,7 +532,7 @@ class Runner:
             raise
         finally:
             self.in_flight -= 1
-            if self.budget is not None:
+            if self._admitting:
                 self._release_probe(rec.model)
         if isinstance(outcome.error, RetryableError):
             self.retrying = max(0, self.retrying - 1)  # its last failure was final, not a retry
@@ -507,8 +548,73 @@ class Runner:
                 self._watermark.complete(seq, row_key(rec.id, rec.sample), fingerprint)
             else:
                 self._watermark.fail(seq)
-        if self.budget is not None:
-            self.budget.settle(reserved, spent)
+        self._settle(tickets, spent)
+        delivered = outcome.completion is not None and outcome.error is None and not prior
+        keep = delivered and cacheable(body_obj, self.config.cache_nondeterministic)
+        if self.cache is not None and keep and self._last_row is not None:
+            self.cache.put(fingerprint, self._last_row)
+
+    def _settle(self, tickets: list[tuple[float, Reservation | None]], spent: float) -> None:
+        """What the prompt cost replaces its reservations (all of it on the first; the rest give back)."""
+        if not self._admitting:
+            return
+        for i, (reserved, ticket) in enumerate(tickets):
+            actual = spent if i == 0 else 0.0
+            if self.budget is not None:
+                self.budget.settle(reserved, actual)
+            if ticket is not None and self.caps is not None:
+                self.caps.settle(ticket, actual)
+        self._reservations_out = max(0, self._reservations_out - 1)
+        self._settled.set()  # wake every admission waiting for room, then arm a fresh event
+        self._settled = asyncio.Event()
+
+    def _reserve_more(self, worst: float | None, tickets: list[tuple[float, Reservation | None]]) -> bool:
+        """Reserve a re-ask's worst case under every cap; False when one is too tight."""
+        if worst is None:
+            return False
+        if self.budget is not None and not self.budget.try_reserve(worst):
+            return False
+        ticket = None
+        if self.caps is not None:
+            ticket = self.caps.try_reserve(worst)
+            if ticket is None:
+                if self.budget is not None:
+                    self.budget.settle(worst, 0.0)
+                return False
+        tickets.append((worst, ticket))
+        return True
+
+    def _from_cache(self, rec: PromptRecord, body: dict[str, Any], fingerprint: str, seq: int) -> bool:
+        """Answer from the cache when an earlier run (of any directory) bought this very request."""
+        assert self.cache is not None
+        if not cacheable(body, self.config.cache_nondeterministic):
+            return False
+        entry = self.cache.get(fingerprint)
+        if entry is None:
+            return False
+        row = make_row(
+            rec,
+            run_id=self.run_id,
+            fingerprint=fingerprint,
+            completion=None,
+            error=None,
+            charge=Charge(),
+            attempts=0,
+            retry_causes=[],
+            started_at=_utc_now(),
+            latency_s=0.0,
+        )
+        row.update(row_from_cache(entry))
+        row["model"] = rec.model
+        self._ledger.append(row)
+        self._schedule_flush()
+        s = self.summary
+        s.requests += 1
+        s.ok += 1
+        s.cached += 1
+        if self._watermark is not None:
+            self._watermark.complete(seq, row_key(rec.id, rec.sample), fingerprint)
+        return True
 
     def _follow_up(
         self, outcome: Outcome, body: dict[str, Any], reasks: int
@@ -578,41 +684,72 @@ class Runner:
         """What the server could bill for this request at most: its max_tokens, else the API's default."""
         return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, self._max_tokens(body))
 
-    async def _admit(self, rec: PromptRecord, worst: float | None) -> float | None:
-        """Reserve the prompt's worst case under --max-cost; None when the budget stops the run.
+    async def _admit(self, rec: PromptRecord, worst: float | None) -> tuple[float, Reservation | None] | None:
+        """Reserve the prompt's worst case under --max-cost and the caps across runs; None: the run stops.
 
         Before a model's price is known nothing bounds a request, so one probe per model runs
         at a time and the others wait for the price it teaches.
         """
-        budget = self.budget
-        assert budget is not None
+        budget, caps = self.budget, self.caps
         while True:
             if self._stop_reason is not None:
                 return None
             if worst is None:
-                worst = budget.worst_case(rec.model, rec.prompt_chars, self.config.default_max_tokens)
+                worst = Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, self.config.default_max_tokens)
             if worst is None:
                 probe = self._probes.get(rec.model)
                 if probe is not None:
                     await probe.wait()
-                    worst = None
                     continue
-                if budget.spent >= budget.cap_usd:
+                if budget is not None and budget.spent >= budget.cap_usd:
                     worst = math.inf  # fall through to the stop below
                 else:
                     self._probes[rec.model] = asyncio.Event()
-                    return 0.0
-            if budget.try_reserve(worst):
-                return worst
-            s = self.summary
-            self.request_stop(
-                StopReason.BUDGET,
-                f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent + budget.reserved:.6f} spent or in flight "
-                f"(${s.total_cost_usd:.6f} confirmed, ~${s.unconfirmed_cost_usd:.6f} unconfirmed), "
-                f"${budget.left_usd:.6f} left, not enough for the next prompt's worst case "
-                f"(${worst:.6f}). Rerun with a higher --max-cost to resume.",
-            )
-            return None
+                    ticket = caps.try_reserve(0.0) if caps is not None else None
+                    if caps is not None and ticket is None:
+                        self._release_probe(rec.model)
+                        self._stop_for_cap()
+                        return None
+                    self._reservations_out += 1
+                    return 0.0, ticket
+            if budget is not None and not budget.try_reserve(worst):
+                if self._reservations_out:  # requests in flight will give back what they did not spend
+                    await self._next_settle()
+                    continue
+                s = self.summary
+                self.request_stop(
+                    StopReason.BUDGET,
+                    f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent + budget.reserved:.6f} spent or in "
+                    f"flight (${s.total_cost_usd:.6f} confirmed, ~${s.unconfirmed_cost_usd:.6f} unconfirmed), "
+                    f"${budget.left_usd:.6f} left, not enough for the next prompt's worst case "
+                    f"(${worst:.6f}). Rerun with a higher --max-cost to resume.",
+                )
+                return None
+            ticket = None
+            if caps is not None:
+                ticket = caps.try_reserve(worst)
+                if ticket is None:
+                    if budget is not None:
+                        budget.settle(worst, 0.0)
+                    if self._reservations_out:
+                        await self._next_settle()
+                        continue
+                    self._stop_for_cap()
+                    return None
+            self._reservations_out += 1
+            return worst, ticket
+
+    async def _next_settle(self) -> None:
+        """Wait until some request in flight settles its reservation (or the run stops)."""
+        event = self._settled
+        await event.wait()
+
+    def _stop_for_cap(self) -> None:
+        caps = self.caps
+        assert caps is not None
+        stop = caps.refused
+        message = stop.message if stop is not None else "a spending cap is used up"
+        self.request_stop(StopReason.CAP, f"{message}. Rerun after it resets, or raise the cap, to resume.")
 
     def _release_probe(self, model: str) -> None:
         # While a model's probe runs no other request of that model does, so it is the probe.
@@ -685,10 +822,9 @@ class Runner:
             row["reasks"] = len(prior)
             row["reask_cost_usd"] = reask_cost
         self._ledger.append(row)
+        self._last_row = row
         self._intents.finished(row_key(rec.id, rec.sample))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._schedule_flush()
 
         s.requests += 1
         s.retries += outcome.attempts - 1
@@ -722,6 +858,11 @@ class Runner:
         elif isinstance(err, ConnectFailed) and not self._any_response:
             self.request_stop(StopReason.UNREACHABLE, f"{err.message}; check --base-url and the network.")
 
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         try:
@@ -733,6 +874,10 @@ class Runner:
             self.request_stop(StopReason.LEDGER, f"{exc}; stopped starting requests. Free space, then rerun to resume.")
             return
         self._intents.flush()
+        if self.caps is not None:
+            self.caps.flush()
+        if self.cache is not None:
+            self.cache.flush()
 
     def _finish(self) -> None:
         s = self.summary

@@ -220,7 +220,9 @@ def test_cron_json_stop_is_an_error_event(tmp_path: Path, simulator: Sim) -> Non
     assert res.returncode == 3
     events = _lines(res.stderr)
     stopping = [i for i, e in enumerate(events) if e["event"] == "stopping"]
-    assert len(stopping) == 1 and "--max-cost" in events[stopping[0]]["message"]  # said when it happened
+    # Said when it happened, if anything was still in flight then (a budget waits for in-flight
+    # requests to give back their reservations, so it may stop only once nothing is left).
+    assert len(stopping) <= 1 and all("--max-cost" in events[i]["message"] for i in stopping)
     errors = [e for e in events if e["event"] == "error"]
     assert errors and "--max-cost" in errors[0]["message"]
     assert events[-1]["event"] == "end" and events[-1]["stop_reason"] == "budget"

@@ -134,7 +134,9 @@ CASES = {
     "batchgate run jobs/nightly.toml": "cron",
     "batchgate report reports/": "report_over_parent",
     "batchgate estimate big.jsonl --sample 200  #": "use_it_for_real",
-    "batchgate estimate big.jsonl --sample 200 --model qwen/qwen3-235b-a22b-instruct-2507-fp8 [--max-cost 1.00]": "estimate_section",
+    "batchgate estimate big.jsonl --sample 200 --model qwen/qwen3-235b-a22b-instruct-2507-fp8 [--max-cost 1.00]": (
+        "estimate_section"
+    ),
     "cd /srv/datasets && ": "cron",
     "_BATCHGATE_COMPLETE=bash_source": "completion",
     "_BATCHGATE_COMPLETE=zsh_source": "completion",

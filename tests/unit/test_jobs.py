@@ -502,7 +502,8 @@ def _check_accounting(lines: list[bytes]) -> ValidationReport:
             if data.startswith(MAGIC):
                 return ValidationReport()
             assert str(exc).startswith(f"{path}: looks like "), exc
-            assert b"\x00" in data or data[:2] in (b"\xff\xfe", b"\xfe\xff") or not _is_utf8(lines)
+            zip_magic = data[:4] == b"PK\x03\x04"
+            assert b"\x00" in data or data[:2] in (b"\xff\xfe", b"\xfe\xff") or zip_magic or not _is_utf8(lines)
             with pytest.raises(InputError, match="looks like"):
                 iter_records([path], default_model=MODEL)
             return ValidationReport()
