@@ -517,7 +517,12 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write the reports.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the reports [default: the run directory; _all/ under the parent for several runs].",
+)
 @click.option("--by", default="job,model", show_default=True, help="Group by any of job,model,day,status.")
 @click.option(
     "--format",
@@ -533,10 +538,29 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
     from . import reports
 
     formats = ("csv", "parquet", "html") if "all" in fmt else fmt
-    result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
+    with _terminate_as_exit():  # SIGTERM unwinds like Ctrl-C: the report's temporary files are removed
+        result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
     click.echo(result.table)
+    for skipped in result.data.skipped:
+        click.echo(f"{skipped.ledger}:{skipped.line}: skipped: {skipped.reason}", err=True)
     for f in result.files:
         click.echo(f"wrote {f}")
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    def handle(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- simulate ---------------------------------------------------------------------------------------
