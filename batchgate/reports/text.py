@@ -20,7 +20,9 @@ _NUMERIC = (
     ("latency_p95_s", "p95_s", "{:.2f}"),
 )
 _GAP = 2
-_MIN_KEY = 10
+_MIN_KEY = 8
+#: Dropped in this order when even the narrowest key columns leave no room (money columns stay).
+_DROPPABLE = ("latency_p95_s", "latency_p50_s", "total_tokens", "failed", "requests")
 
 
 def text_table(data: ReportData, width: int) -> str:
@@ -29,16 +31,31 @@ def text_table(data: ReportData, width: int) -> str:
     Key columns keep their full text while it fits; when it does not, model names lose their
     ``org/`` prefix first, then the widest key column is cut in the middle (names differ in their tails).
     """
+    columns = list(_NUMERIC)
+    while True:
+        table = _render(data, width, columns)
+        fits = max(len(line) for line in table[: len(table) - len(_notes_of(data))]) <= width
+        droppable = [c for c in columns if c[0] in _DROPPABLE]
+        if fits or not droppable:
+            return "\n".join(table)
+        columns.remove(min(droppable, key=lambda c: _DROPPABLE.index(c[0])))
+
+
+def _notes_of(data: ReportData) -> list[str]:
+    return notes(data.totals, [f"{s.ledger}:{s.line}" for s in data.skipped])
+
+
+def _render(data: ReportData, width: int, numeric: list[tuple[str, str, str]]) -> list[str]:
     by = data.by
     groups = [r for r in data.summary if r["level"] == "group"]
     ranked = sorted(range(len(groups)), key=lambda i: -groups[i]["total_cost_usd"])[:_MAX_TABLE_ROWS]
     shown = [groups[i] for i in sorted(ranked)]
     total = next(r for r in data.summary if r["level"] == "total")
-    rows = [[str(r[k]) for k in by] + [format_value(fmt, r[name]) for name, _, fmt in _NUMERIC] for r in shown]
+    rows = [[str(r[k]) for k in by] + [format_value(fmt, r[name]) for name, _, fmt in numeric] for r in shown]
     total_row = (["TOTAL"] + [""] * (len(by) - 1) if by else []) + [
-        format_value(fmt, total[name]) for name, _, fmt in _NUMERIC
+        format_value(fmt, total[name]) for name, _, fmt in numeric
     ]
-    header = list(by) + [label for _, label, _ in _NUMERIC]
+    header = list(by) + [label for _, label, _ in numeric]
     widths = _widths(header, [*rows, total_row])
     if "model" in by and sum(widths) + _GAP * (len(widths) - 1) > width:
         m = by.index("model")
@@ -63,8 +80,7 @@ def text_table(data: ReportData, width: int) -> str:
     if rows:
         lines.append(rule)
     lines.append(line(total_row))
-    lines += notes(data.totals, [f"{s.ledger}:{s.line}" for s in data.skipped])
-    return "\n".join(lines)
+    return lines + _notes_of(data)
 
 
 def _widths(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
