@@ -40,9 +40,11 @@ from .load import Staged, sql_text
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["REQUESTS_VIEW", "aggregate", "chart_data", "learn_prices", "open_requests"]
+__all__ = ["REQUESTS_VIEW", "ROWS_VIEW", "aggregate", "chart_data", "learn_prices", "open_requests"]
 
-#: The DuckDB view every aggregate reads: ``requests.parquet`` plus ``latest`` and ``unconfirmed_estimate_usd``.
+#: DuckDB views: ``requests.parquet`` plus ``unconfirmed_estimate_usd`` (``ROWS_VIEW``), and that plus
+#: ``latest`` (``REQUESTS_VIEW``; a join, so only the queries that count requests read it).
+ROWS_VIEW = "req_rows"
 REQUESTS_VIEW = "req"
 _QS = "[" + ", ".join(str(q / 100) for q in PERCENTILES) + "]"
 
@@ -129,19 +131,21 @@ def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[s
         )
     else:
         estimate = "NULL"
+    con.execute(
+        f"""CREATE OR REPLACE TEMP VIEW {ROWS_VIEW} AS
+            SELECT *, CAST({estimate} AS DOUBLE) AS unconfirmed_estimate_usd
+            FROM read_parquet({sql_text(str(staged.path))}, file_row_number = true)"""
+    )
     latest = "s.n IS NULL" if len(old) else "true"
     join = "LEFT JOIN superseded s ON r.file_row_number = s.n" if len(old) else ""
-    con.execute(
-        f"""CREATE OR REPLACE TEMP VIEW {REQUESTS_VIEW} AS
-            SELECT r.*, {latest} AS latest, CAST({estimate} AS DOUBLE) AS unconfirmed_estimate_usd
-            FROM read_parquet({sql_text(str(staged.path))}, file_row_number = true) r {join}"""
-    )
+    view = f"SELECT r.*, {latest} AS latest FROM {ROWS_VIEW} r {join}"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {REQUESTS_VIEW} AS {view}")
 
 
 # -- the summary -------------------------------------------------------------------------------------
 
 
-_METRIC_SQL = f"""
+_METRIC_SQL = """
     count(*) FILTER (WHERE latest) AS requests,
     count(*) FILTER (WHERE latest AND status = 'ok') AS ok,
     count(*) FILTER (WHERE latest AND status = 'failed') AS failed,
@@ -159,8 +163,6 @@ _METRIC_SQL = f"""
     sum(coalesce(unconfirmed_completion_tokens, 0)) AS unconfirmed_completion_tokens,
     sum(CASE WHEN unconfirmed_cost_usd IS NULL AND unconfirmed_estimate_usd IS NULL
              THEN coalesce(unconfirmed_completion_tokens, 0) ELSE 0 END) AS unconfirmed_unpriced_tokens,
-    quantile_cont(latency_s, {_QS}) AS latency_q,
-    quantile_cont(ttft_s, {_QS}) AS ttft_q,
     sum(completion_tokens) FILTER (WHERE status = 'ok' AND latency_s > 0 AND completion_tokens IS NOT NULL)
         AS tps_tokens,
     sum(latency_s) FILTER (WHERE status = 'ok' AND latency_s > 0 AND completion_tokens IS NOT NULL)
@@ -185,39 +187,41 @@ def aggregate(
     con: duckdb.DuckDBPyConnection, staged: Staged, by: Sequence[str], prices: dict[str, float]
 ) -> ReportData:
     """The summary rows (``by`` groups, then UTC days when the data spans several, then the total) and totals."""
-    src = REQUESTS_VIEW
-    days_row = con.execute(f"SELECT count(DISTINCT day) FROM {src}").fetchone()
+    days_row = con.execute(f"SELECT count(DISTINCT day) FROM {ROWS_VIEW}").fetchone()
     days = int(days_row[0]) if days_row else 0
     per_day = days > 1 and "day" not in by
     key_columns = [*by, "day"] if per_day else list(by)
-    sets = []
-    if by:
-        sets.append("(" + ", ".join(by) + ")")
+    # One query per level (GROUPING SETS would hold every level's states at once), and percentiles one
+    # column at a time: an exact quantile holds every value of its column, so the peak stays one float a row.
+    levels = [("group", list(by))] if by else []
     if per_day:
-        sets.append("(day)")
-    sets.append("()")
-    keys_sql = ", ".join(f"{_key_expr(k)} AS k_{k}, GROUPING({k}) AS g_{k}" for k in key_columns)
-    query = f"SELECT {keys_sql + ',' if keys_sql else ''} {_METRIC_SQL} FROM {src}"
-    if key_columns:
-        query += f" GROUP BY GROUPING SETS ({', '.join(sets)})"
-    cursor = con.execute(query)
-    names = [d[0] for d in cursor.description]
-    raw = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        levels.append(("day", ["day"]))
+    levels.append(("total", []))
     summary: list[dict[str, Any]] = []
-    for r in raw:
-        level = _level(r, by, key_columns)
-        if level == "group" and not r["rows"]:
-            continue
-        out: dict[str, Any] = {"level": level}
-        for k in key_columns:
-            out[k] = ALL if r[f"g_{k}"] else (NONE if r[f"k_{k}"] is None else str(r[f"k_{k}"]))
-        out.update(_metrics(r))
-        summary.append(out)
+    for level, keys in levels:
+        select = ", ".join(f"{_key_expr(k)} AS k_{k}" for k in keys)
+        query = f"SELECT {select + ',' if select else ''} {_METRIC_SQL} FROM {REQUESTS_VIEW}"
+        if keys:
+            query += " GROUP BY " + ", ".join(f"k_{k}" for k in keys)
+        cursor = con.execute(query)
+        names = [d[0] for d in cursor.description]
+        fetched = cursor.fetchall()
+        quantiles = {name: _quantiles(con, keys, f"{name}_s") for name in ("latency", "ttft")}
+        for values in fetched:
+            r = dict(zip(names, values, strict=True))
+            out: dict[str, Any] = {"level": level}
+            for k in key_columns:
+                out[k] = (NONE if r[f"k_{k}"] is None else str(r[f"k_{k}"])) if k in keys else ALL
+            label = tuple(out[k] for k in keys)
+            for name in ("latency", "ttft"):
+                r[f"{name}_q"] = quantiles[name].get(label)
+            out.update(_metrics(r))
+            summary.append(out)
     order = {"group": 0, "day": 1, "total": 2}
     summary.sort(key=lambda row: (order[row["level"]], *((row[k] == NONE, row[k]) for k in key_columns)))
     total = next(row for row in summary if row["level"] == "total")
     totals: dict[str, float | int] = {name: total[name] for name in SUMMARY_METRICS}
-    totals.update(_run_totals(con, src, staged, days))
+    totals.update(_run_totals(con, staged, days))
     return ReportData(
         by=list(by),
         key_columns=key_columns,
@@ -229,16 +233,19 @@ def aggregate(
     )
 
 
+def _quantiles(con: duckdb.DuckDBPyConnection, keys: Sequence[str], column: str) -> dict[tuple[str, ...], Any]:
+    select = ", ".join(f"{_key_expr(k)} AS k_{k}" for k in keys)
+    query = f"SELECT {select + ',' if select else ''} quantile_cont({column}, {_QS}) FROM {ROWS_VIEW}"
+    if keys:
+        query += " GROUP BY " + ", ".join(f"k_{k}" for k in keys)
+    out: dict[tuple[str, ...], Any] = {}
+    for row in con.execute(query).fetchall():
+        out[tuple(NONE if v is None else str(v) for v in row[:-1])] = row[-1]
+    return out
+
+
 def _key_expr(key: str) -> str:
     return "strftime(day, '%Y-%m-%d')" if key == "day" else key
-
-
-def _level(row: dict[str, Any], by: Sequence[str], key_columns: Sequence[str]) -> str:
-    if by and not any(row[f"g_{k}"] for k in by):
-        return "group"
-    if "day" in key_columns and not row["g_day"]:
-        return "day"
-    return "total"
 
 
 def _metrics(r: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +267,8 @@ def _metrics(r: dict[str, Any]) -> dict[str, Any]:
     return {name: m[name] for name in SUMMARY_METRICS}
 
 
-def _run_totals(con: duckdb.DuckDBPyConnection, src: str, staged: Staged, days: int) -> dict[str, float | int]:
+def _run_totals(con: duckdb.DuckDBPyConnection, staged: Staged, days: int) -> dict[str, float | int]:
+    src = ROWS_VIEW
     spans = con.execute(
         f"""SELECT epoch_us(max(coalesce(finished_at, started_at))) - epoch_us(min(started_at))
             FROM {src} GROUP BY ledger, run_id"""
@@ -293,7 +301,7 @@ _HIST_BINS = 60
 
 def chart_data(con: duckdb.DuckDBPyConnection, data: ReportData) -> None:
     """Fill ``data``'s chart fields: binned aggregates only, never one value per row."""
-    src = REQUESTS_VIEW
+    src = ROWS_VIEW
     span = con.execute(
         f"SELECT epoch_us(min(started_at)), epoch_us(max(coalesce(finished_at, started_at))) FROM {src}"
     ).fetchone()
@@ -313,7 +321,7 @@ def chart_data(con: duckdb.DuckDBPyConnection, data: ReportData) -> None:
     data.failed_by_error = {
         str(k): int(n)
         for k, n in con.execute(
-            f"""SELECT coalesce(error_type, 'unknown') AS k, count(*) AS n FROM {src}
+            f"""SELECT coalesce(error_type, 'unknown') AS k, count(*) AS n FROM {REQUESTS_VIEW}
                 WHERE latest AND status = 'failed' GROUP BY k ORDER BY n DESC, k"""
         ).fetchall()
     }
