@@ -19,11 +19,12 @@ from .data import (
     SkippedLine,
 )
 from .formats import csv_number
-from .load import REQUEST_COLUMNS, find_ledgers
+from .load import CACHE_DIR, REQUEST_COLUMNS, find_ledgers
 
 __all__ = [
     "ALL",
     "ALL_DIR",
+    "CACHE_DIR",
     "NONE",
     "REPORT_FORMATS",
     "REPORT_KEYS",

@@ -16,7 +16,7 @@ from . import formats as report_files
 from . import page
 from .data import REPORT_FORMATS, REPORT_KEYS, ReportData
 from .load import connect, find_ledgers, stage
-from .summary import REQUESTS_VIEW, aggregate, chart_data, learn_prices, open_requests
+from .summary import REQUESTS_VIEW, aggregate, chart_data, learn_prices, open_requests, write_requests
 from .text import text_table
 
 if TYPE_CHECKING:
@@ -74,10 +74,12 @@ def build_reports(
             data = aggregate(con, staged, keys, prices)
             if "html" in kinds:
                 chart_data(con, data)
+            if "parquet" in kinds:
+                write_requests(con, scratch / "requests.parquet")
         finally:
             con.close()
         if "parquet" in kinds:
-            files.append(_move_into_place(staged.path, out / "requests.parquet"))
+            files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
             files.append(_write(out / "summary.parquet", report_files.summary_parquet(data.summary, data.key_columns)))
         if "csv" in kinds:
             files.append(_write(out / "summary.csv", report_files.summary_csv(data.summary, data.key_columns)))
@@ -112,9 +114,9 @@ def load_ledger(paths: Sequence[Path]) -> pd.DataFrame:
         work = Path(tmp)
         con = connect(work)
         try:
-            staged = stage(con, [Path(p) for p in paths], work)
+            staged = stage(con, [Path(p) for p in paths], work, cache=False)  # a read leaves no trace
             open_requests(con, staged, learn_prices(con, staged))
-            query = f"SELECT * EXCLUDE (file_row_number) FROM {REQUESTS_VIEW} ORDER BY file_row_number"
+            query = f"SELECT * FROM {REQUESTS_VIEW} ORDER BY seq"
             table = con.sql(query).to_arrow_table()
         finally:
             con.close()

@@ -9,18 +9,20 @@ not ledger rows are left out and reported with their line numbers.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from batchgate.errors import InputError, LedgerError
-from batchgate.ledger import LEDGER_NAME, complete_end
+from batchgate.ledger import LEDGER_NAME, complete_end, write_atomic
 from batchgate.models import LEDGER_VERSION
 
 from .data import SkippedLine
@@ -28,7 +30,17 @@ from .data import SkippedLine
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["LEDGER_COLUMNS", "REQUEST_COLUMNS", "Staged", "connect", "find_ledgers", "remove_tree", "sql_text", "stage"]
+__all__ = [
+    "CACHE_DIR",
+    "LEDGER_COLUMNS",
+    "REQUEST_COLUMNS",
+    "Staged",
+    "StagedPart",
+    "connect",
+    "find_ledgers",
+    "sql_text",
+    "stage",
+]
 
 #: Ledger fields the reports read, with the DuckDB type each is read as (v1 and v2; a missing key is null).
 #: ``id`` is read as JSON so a number where a string belongs can be told apart and refused.
@@ -140,49 +152,168 @@ def sql_text(value: str) -> str:
 # -- staging -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Staged:
-    """The ledgers' rows in ledger order as one typed Parquet file (``REQUEST_COLUMNS``)."""
+#: Beside each ledger: its rows already staged as Parquet parts, one per appended byte range.
+CACHE_DIR = ".report-cache"
+_INDEX = "index.json"
+_CACHE_FORMAT = 1
+_TAIL = 1 << 16  # bytes before a part's end whose hash proves the ledger still begins the same way
+
+
+@dataclass(frozen=True, slots=True)
+class StagedPart:
+    """Typed rows (``REQUEST_COLUMNS``) of one ledger's byte range, in ledger order."""
 
     path: Path
+    rows: int
+    ledger: Path
+
+
+@dataclass
+class Staged:
+    """The ledgers' rows in ledger order: Parquet parts, ledger after ledger, range after range."""
+
+    parts: list[StagedPart]
     ledgers: list[Path]
     skipped: list[SkippedLine] = field(default_factory=list)
 
 
-def stage(con: duckdb.DuckDBPyConnection, ledgers: Sequence[Path], workdir: Path) -> Staged:
-    """Read ``ledgers`` into ``workdir/requests.parquet``; damaged lines are left out and listed, never fatal.
+def stage(con: duckdb.DuckDBPyConnection, ledgers: Sequence[Path], workdir: Path, *, cache: bool = True) -> Staged:
+    """Stage ``ledgers`` as typed Parquet; damaged lines are left out and listed, never fatal.
 
+    With ``cache``, each ledger's parts are kept in ``CACHE_DIR`` beside it and reused while the
+    ledger still begins with the bytes they were read from (same file, same tail hash): only bytes
+    appended since the last report are parsed, so a report costs in proportion to what a run added.
     Raises ``LedgerError`` for a ledger that cannot be read at all, or one written by a newer batchgate.
     """
+    ledgers = list({p.resolve(): p for p in ledgers}.values())  # the same ledger twice counts once
+    parts: list[StagedPart] = []
+    skipped: list[SkippedLine] = []
+    for number, ledger in enumerate(ledgers):
+        mine, bad = _stage_ledger(con, ledger, workdir / f"ledger-{number}", cache)
+        parts += mine
+        skipped += bad
+    if parts:
+        files = "[" + ", ".join(sql_text(str(p.path)) for p in parts) + "]"
+        newest = con.execute(f"SELECT max(v) FROM read_parquet({files})").fetchone()
+        if newest and newest[0] is not None and newest[0] > LEDGER_VERSION:
+            raise LedgerError(
+                f"a ledger was written by a newer batchgate (format v{newest[0]}, "
+                f"this one reads up to v{LEDGER_VERSION}); upgrade batchgate"
+            )
+    return Staged(parts=parts, ledgers=ledgers, skipped=skipped)
+
+
+def _stage_ledger(
+    con: duckdb.DuckDBPyConnection, ledger: Path, scratch: Path, cache: bool
+) -> tuple[list[StagedPart], list[SkippedLine]]:
+    scratch.mkdir(parents=True, exist_ok=True)
+    home = ledger.parent / CACHE_DIR
+    try:
+        with ledger.open("rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            end = complete_end(f, size)
+            index = _valid_index(home, st, f, end) if cache else []
+            f.seek(max(0, end - _TAIL))
+            tail = hashlib.blake2b(f.read(end - max(0, end - _TAIL)), digest_size=16).hexdigest()
+    except OSError as e:
+        raise LedgerError(f"{ledger}: cannot read the ledger: {e.strerror or e}") from e
+    start = index[-1]["end"] if index else 0
+    if start < end:
+        where = home if cache and _writable(home) else scratch
+        if not index and where == home:
+            for old in home.glob("part-*.parquet"):  # a ledger that changed: its old parts mean nothing
+                old.unlink(missing_ok=True)
+        if start == 0 and end == size:
+            source = ledger
+        else:
+            source = scratch / f"range-{start}.jsonl"
+            _copy_range(ledger, source, start, end)
+        staged = scratch / f"range-{start}.parquet"
+        bad = _stage_source(con, source, ledger, staged, start)
+        rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_text(str(staged))})").fetchone()
+        name = f"part-{start:015d}-{end:015d}.parquet"
+        shutil.move(staged, where / name)
+        index.append(
+            {
+                "start": start,
+                "end": end,
+                "file": name,
+                "rows": int(rows[0]) if rows else 0,
+                "tail": tail,
+                "skipped": [[s.line, s.reason] for s in bad],
+                "dir": str(where),
+            }
+        )
+        if where == home:
+            body = {"format": _CACHE_FORMAT, "dev": st.st_dev, "ino": st.st_ino, "parts": index}
+            with contextlib.suppress(OSError):
+                write_atomic(home / _INDEX, orjson.dumps(body))
+    parts = [StagedPart(Path(e["dir"]) / e["file"], e["rows"], ledger) for e in index]
+    skipped = [SkippedLine(ledger, int(line), str(reason)) for e in index for line, reason in e["skipped"]]
+    if end < size:  # a torn last line: a crash mid-write, or a run still writing; read once it is whole
+        reason = "torn last line (a crash mid-write, or a run still writing)"
+        skipped.append(SkippedLine(ledger, _count_lines(ledger, end) + 1, reason))
+    return parts, skipped
+
+
+def _valid_index(home: Path, st: os.stat_result, f: IO[bytes], end: int) -> list[dict[str, Any]]:
+    """The cached parts when they still describe the ledger's first bytes; [] otherwise."""
+    try:
+        body = orjson.loads((home / _INDEX).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return []
+    try:
+        if body.get("format") != _CACHE_FORMAT or (body["dev"], body["ino"]) != (st.st_dev, st.st_ino):
+            return []
+        parts: list[dict[str, Any]] = body["parts"]
+        expected = 0
+        for part in parts:
+            if part["start"] != expected or not (home / part["file"]).is_file():
+                return []
+            part["dir"] = str(home)  # wherever the ledger is reached from now
+            expected = part["end"]
+        if not parts or expected > end:
+            return []
+        f.seek(max(0, expected - _TAIL))
+        tail = hashlib.blake2b(f.read(expected - max(0, expected - _TAIL)), digest_size=16).hexdigest()
+        return parts if tail == parts[-1]["tail"] else []
+    except (KeyError, TypeError, AttributeError):
+        return []
+
+
+def _writable(home: Path) -> bool:
+    try:
+        home.mkdir(exist_ok=True)
+    except OSError:
+        return False
+    return os.access(home, os.W_OK)
+
+
+def _stage_source(
+    con: duckdb.DuckDBPyConnection, source: Path, ledger: Path, out: Path, start: int
+) -> list[SkippedLine]:
+    """Stage one byte range (``source``, starting at ``start`` in ``ledger``); return its damaged lines."""
     import duckdb
 
-    ledgers = list({p.resolve(): p for p in ledgers}.values())  # the same ledger twice counts once
-    out = workdir / "requests.parquet"
-    names = [str(p.parent) for p in ledgers]
-    sources = [str(p) for p in ledgers]
-    skipped: list[SkippedLine] = []
+    name = str(ledger.parent)
     try:
-        _copy(con, sources, names, out)
-        clean = _ids_are_strings(con, out)
+        _copy(con, [str(source)], [name], out)
+        if _ids_are_strings(con, out):
+            return []
     except duckdb.Error:
-        clean = False
-    if not clean:
-        sources = []
-        for number, ledger in enumerate(ledgers):
-            source, bad = _checked_source(con, ledger, workdir / f"checked-{number}.jsonl")
-            sources.append(source)
-            skipped += bad
-        try:
-            _copy(con, sources, names, out)
-        except duckdb.Error as e:
-            raise LedgerError(f"not a batchgate ledger: {e}") from e
-    newest = con.execute(f"SELECT max(v) FROM read_parquet({sql_text(str(out))})").fetchone()
-    if newest and newest[0] is not None and newest[0] > LEDGER_VERSION:
-        raise LedgerError(
-            f"a ledger was written by a newer batchgate (format v{newest[0]}, "
-            f"this one reads up to v{LEDGER_VERSION}); upgrade batchgate"
-        )
-    return Staged(path=out, ledgers=ledgers, skipped=skipped)
+        pass
+    kept = out.with_suffix(".rows.jsonl")
+    good, bad = _filter_lines(source, source.stat().st_size, kept)
+    base = _count_lines(ledger, start) if bad and start else 0
+    if not good and bad:
+        first = bad[0]
+        raise LedgerError(f"{ledger}:{first[0] + base}: not a batchgate ledger ({first[1]}; no line is a ledger row)")
+    try:
+        _copy(con, [str(kept)], [name], out)
+    except duckdb.Error as e:
+        raise LedgerError(f"{ledger}: not a batchgate ledger: {e}") from e
+    return [SkippedLine(ledger, n + base, why) for n, why in bad]
 
 
 #: ``requests.parquet``: one row per ledger row in ledger order, every column with one fixed type whatever a run
@@ -267,38 +398,6 @@ def _ids_are_strings(con: duckdb.DuckDBPyConnection, out: Path) -> bool:
     return row is not None and row[0] == 0
 
 
-def _checked_source(con: duckdb.DuckDBPyConnection, ledger: Path, scratch: Path) -> tuple[str, list[SkippedLine]]:
-    """The ledger itself when DuckDB reads it whole; else a copy holding only its readable rows."""
-    import duckdb
-
-    try:
-        with ledger.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            end = complete_end(f, size)
-    except OSError as e:
-        raise LedgerError(f"{ledger}: cannot read the ledger: {e.strerror or e}") from e
-    skipped: list[SkippedLine] = []
-    if end < size:  # a torn last line: a crash mid-write, or a run still writing
-        torn_line = _count_lines(ledger, end) + 1
-        skipped.append(SkippedLine(ledger, torn_line, "torn last line (a crash mid-write, or a run still writing)"))
-        _copy_prefix(ledger, scratch, end)
-        probe = scratch
-    else:
-        probe = ledger
-    try:
-        _copy(con, [str(probe)], [str(ledger.parent)], scratch.with_suffix(".probe.parquet"))
-        if _ids_are_strings(con, scratch.with_suffix(".probe.parquet")):
-            return str(probe), skipped
-    except duckdb.Error:
-        pass
-    good, bad = _filter_lines(ledger, end, scratch.with_suffix(".rows.jsonl"))
-    skipped += [SkippedLine(ledger, n, why) for n, why in bad]
-    if not good and bad:
-        first = bad[0]
-        raise LedgerError(f"{ledger}:{first[0]}: not a batchgate ledger ({first[1]}; no line is a ledger row)")
-    return str(scratch.with_suffix(".rows.jsonl")), sorted(skipped, key=lambda s: s.line)
-
-
 def _count_lines(path: Path, end: int) -> int:
     lines = 0
     with path.open("rb") as f:
@@ -312,9 +411,10 @@ def _count_lines(path: Path, end: int) -> int:
     return lines
 
 
-def _copy_prefix(src: Path, dst: Path, end: int) -> None:
+def _copy_range(src: Path, dst: Path, start: int, end: int) -> None:
     with src.open("rb") as f, dst.open("wb") as out:
-        left = end
+        f.seek(start)
+        left = end - start
         while left > 0:
             chunk = f.read(min(left, 16 << 20))
             if not chunk:
@@ -393,8 +493,3 @@ def _fits(value: Any, kind: str) -> bool:
             value.get(k) is None or _fits(value[k], t) for k, t in _ERROR_FIELDS.items()
         )
     return True
-
-
-def remove_tree(path: Path) -> None:
-    """Best-effort removal of a scratch directory."""
-    shutil.rmtree(path, ignore_errors=True)

@@ -35,12 +35,21 @@ from .data import (
     ReportData,
     RunCurve,
 )
-from .load import Staged, sql_text
+from .load import REQUEST_COLUMNS, Staged, sql_text
 
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["REQUESTS_VIEW", "ROWS_VIEW", "aggregate", "chart_data", "learn_prices", "open_requests"]
+__all__ = [
+    "REQUESTS_VIEW",
+    "ROWS_VIEW",
+    "aggregate",
+    "chart_data",
+    "learn_prices",
+    "open_requests",
+    "request_schema",
+    "write_requests",
+]
 
 #: DuckDB views: ``requests.parquet`` plus ``unconfirmed_estimate_usd`` (``ROWS_VIEW``), and that plus
 #: ``latest`` (``REQUESTS_VIEW``; a join, so only the queries that count requests read it).
@@ -49,8 +58,9 @@ REQUESTS_VIEW = "req"
 _QS = "[" + ", ".join(str(q / 100) for q in PERCENTILES) + "]"
 
 
-def _scan(path: Path) -> str:
-    return f"read_parquet({sql_text(str(path))})"
+def _scan(staged: Staged) -> str:
+    files = "[" + ", ".join(sql_text(str(p.path)) for p in staged.parts) + "]"
+    return f"read_parquet({files})"
 
 
 # -- unconfirmed prices ------------------------------------------------------------------------------
@@ -63,7 +73,9 @@ def learn_prices(con: duckdb.DuckDBPyConnection, staged: Staged) -> dict[str, fl
     ``total_cost ~ a*prompt_tokens + b*completion_tokens`` when it is well conditioned and positive,
     else the ratio ``sum(total_cost) / sum(completion_tokens)``.
     """
-    src = _scan(staged.path)
+    if not staged.parts:
+        return {}
+    src = _scan(staged)
     rows = con.execute(
         f"""WITH wanted AS (
                 SELECT DISTINCT model FROM {src}
@@ -98,15 +110,14 @@ def _fit(n: int, spp: float, spc: float, scc: float, spy: float, scy: float) -> 
 # -- the requests view ------------------------------------------------------------------------------
 
 
-def superseded_rows(con: duckdb.DuckDBPyConnection, staged: Staged) -> np.ndarray:
-    """Row numbers of rows a later row of the same (ledger, id, sample) replaced, ascending.
+def superseded_rows(con: duckdb.DuckDBPyConnection) -> np.ndarray:
+    """Row numbers (``seq``) of rows a later row of the same (ledger, id, sample) replaced, ascending.
 
     Keys are compared as two independent 64-bit hashes (128 bits, as ``ledger.IdSet`` does): over ten
     million rows the chance that two keys share both is ~1e-25.  Memory: a few arrays of one integer a row.
     """
     hashes = con.execute(
-        f"""SELECT hash(ledger, id, sample) AS a, hash(sample, id, ledger, 'batchgate') AS b
-            FROM {_scan(staged.path)}"""
+        f"SELECT hash(ledger, id, sample) AS a, hash(sample, id, ledger, 'batchgate') AS b FROM {ROWS_VIEW}"
     ).fetchnumpy()
     a = np.asarray(hashes["a"], dtype=np.uint64)
     b = np.asarray(hashes["b"], dtype=np.uint64)
@@ -118,11 +129,9 @@ def superseded_rows(con: duckdb.DuckDBPyConnection, staged: Staged) -> np.ndarra
 
 
 def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[str, float]) -> None:
-    """Create the ``REQUESTS_VIEW`` view: the staged rows plus ``latest`` and the report's unconfirmed estimate."""
+    """Create the views: the staged rows with ``seq`` (ledger order), the estimate, then ``latest``."""
     import pyarrow as pa
 
-    old = superseded_rows(con, staged)
-    con.register("superseded", pa.table({"n": pa.array(old, type=pa.int64())}))
     if prices:
         cases = " ".join(f"WHEN {sql_text(m)} THEN CAST({p!r} AS DOUBLE)" for m, p in sorted(prices.items()))
         estimate = (
@@ -131,15 +140,64 @@ def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[s
         )
     else:
         estimate = "NULL"
+    if staged.parts:
+        offsets, names, first = [], [], 0
+        for part in staged.parts:
+            path = sql_text(str(part.path))
+            offsets.append(f"WHEN {path} THEN {first}")
+            names.append(f"WHEN {path} THEN {sql_text(str(part.ledger.parent))}")
+            first += part.rows
+        columns = ", ".join(
+            f"CASE filename {' '.join(names)} END AS ledger" if c == "ledger" else c for c in REQUEST_COLUMNS
+        )
+        source = f"""SELECT {columns}, file_row_number + CASE filename {" ".join(offsets)} END AS seq
+                     FROM read_parquet([{", ".join(sql_text(str(p.path)) for p in staged.parts)}],
+                                       file_row_number = true, filename = true)"""
+    else:
+        types = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in REQUEST_COLUMNS.items())
+        source = f"SELECT {types}, CAST(NULL AS BIGINT) AS seq WHERE false"
     con.execute(
         f"""CREATE OR REPLACE TEMP VIEW {ROWS_VIEW} AS
-            SELECT *, CAST({estimate} AS DOUBLE) AS unconfirmed_estimate_usd
-            FROM read_parquet({sql_text(str(staged.path))}, file_row_number = true)"""
+            SELECT *, CAST({estimate} AS DOUBLE) AS unconfirmed_estimate_usd FROM ({source})"""
     )
+    old = superseded_rows(con)
+    con.register("superseded", pa.table({"n": pa.array(old, type=pa.int64())}))
     latest = "s.n IS NULL" if len(old) else "true"
-    join = "LEFT JOIN superseded s ON r.file_row_number = s.n" if len(old) else ""
+    join = "LEFT JOIN superseded s ON r.seq = s.n" if len(old) else ""
     view = f"SELECT r.*, {latest} AS latest FROM {ROWS_VIEW} r {join}"
     con.execute(f"CREATE OR REPLACE TEMP VIEW {REQUESTS_VIEW} AS {view}")
+
+
+def write_requests(con: duckdb.DuckDBPyConnection, out: Path) -> None:
+    """``requests.parquet``: the staged rows of every ledger in one file, ``REQUEST_COLUMNS`` in ledger order.
+
+    Written through pyarrow with one fixed schema, every field nullable: DuckDB would mark a column
+    required when this run happened to hold no null in it, and two runs would no longer read together.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = request_schema()
+    reader = con.sql(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ROWS_VIEW}").to_arrow_reader(50_000)
+    with pq.ParquetWriter(str(out), schema, compression="snappy") as writer:
+        for batch in reader:
+            writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=50_000)
+
+
+def request_schema() -> Any:
+    """The Arrow schema of ``requests.parquet`` (``pyarrow.Schema``), from ``REQUEST_COLUMNS``."""
+    import pyarrow as pa
+
+    kinds = {
+        "VARCHAR": pa.string(),
+        "BIGINT": pa.int64(),
+        "DOUBLE": pa.float64(),
+        "BOOLEAN": pa.bool_(),
+        "DATE": pa.date32(),
+        "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
+        "VARCHAR[]": pa.list_(pa.field("element", pa.string())),
+    }
+    return pa.schema([pa.field(name, kinds[kind], nullable=True) for name, kind in REQUEST_COLUMNS.items()])
 
 
 # -- the summary -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from batchgate.cli import main
 from batchgate.models import LEDGER_VERSION
-from batchgate.reports import REQUEST_COLUMNS, build_reports, csv_number, load_ledger
+from batchgate.reports import CACHE_DIR, REQUEST_COLUMNS, build_reports, csv_number, load_ledger
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 V2_COLUMNS = ("request_id", "sample", "fingerprint", "cost_status", "cached", "has_reasoning", "has_tool_calls")
@@ -58,7 +58,9 @@ def row(pid: str, **over: Any) -> dict[str, Any]:
         "started_at": "2025-04-01T10:00:00.000Z",
         "ttft_s": 0.25 if ok else None,
         "latency_s": 1.5,
-        "error": None if ok else {"type": "server_error", "status": 503, "message": "busy", "code": "x", "request_id": "e1"},
+        "error": None
+        if ok
+        else {"type": "server_error", "status": 503, "message": "busy", "code": "x", "request_id": "e1"},
         "fingerprint": "0" * 32,
         "request_id": f"req-{pid}" if ok else None,
         "reasoning": None,
@@ -254,7 +256,7 @@ def test_temporary_files_of_a_killed_report_are_cleaned_by_the_next(tmp_path: Pa
 def test_sigterm_mid_report_leaves_nothing_behind(tmp_path: Path) -> None:
     run = tmp_path / "run"
     line = json.dumps(row("x")) + "\n"
-    with (run.mkdir() or (run / "results.jsonl").open("w")) as f:
+    with run.mkdir() or (run / "results.jsonl").open("w") as f:
         for i in range(60_000):
             f.write(line.replace('"x"', f'"p{i}"', 1))
     child = subprocess.Popen(
@@ -268,3 +270,71 @@ def test_sigterm_mid_report_leaves_nothing_behind(tmp_path: Path) -> None:
     _, err = child.communicate(timeout=30)
     assert leftovers(run) == []
     assert "Traceback" not in err.decode()
+
+
+# -- the cache beside the ledger ----------------------------------------------------------------------
+
+
+def fresh_totals(run: Path, tmp_path: Path) -> dict[str, Any]:
+    """The same ledger's totals computed from nothing (a copy without the cache)."""
+    copy = tmp_path / f"fresh-{time.monotonic_ns()}"
+    copy.mkdir()
+    shutil.copy(run / "results.jsonl", copy / "results.jsonl")
+    totals = dict(build_reports([copy], formats=("csv",)).totals)
+    totals.pop("wall_s")
+    return totals
+
+
+def cached_parts(run: Path) -> list[tuple[int, int]]:
+    index = json.loads((run / CACHE_DIR / "index.json").read_text())
+    return [(p["start"], p["end"]) for p in index["parts"]]
+
+
+def test_a_report_after_a_resume_reads_only_the_appended_bytes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    path = write(run, [row(f"p{i}") for i in range(20)] + [row("x", status="failed")])
+    first_size = path.stat().st_size
+    build_reports([run], formats=("csv",))
+    assert cached_parts(run) == [(0, first_size)]
+    write(run, [row("x", run_id="r2", started_at="2025-04-02T10:00:00Z"), row("y", run_id="r2")])  # a resume
+    with path.open("ab") as f:
+        f.write(b"garbage\n")  # line 24
+    write(run, [row("z", run_id="r2")])
+    result = build_reports([run], formats=("csv", "parquet"))
+    assert cached_parts(run) == [(0, first_size), (first_size, path.stat().st_size)]  # one new part
+    t = result.totals
+    assert (t["requests"], t["ok"], t["failed"], t["rows"]) == (23, 23, 0, 24)  # x's retry won
+    assert [(s.line, s.reason) for s in result.data.skipped] == [(24, "not JSON")]  # the ledger's line number
+    want = fresh_totals(run, tmp_path)
+    assert {k: v for k, v in t.items() if k != "wall_s"} == want
+    assert pq.read_table(run / "requests.parquet").num_rows == 24
+    again = build_reports([run], formats=("csv",))  # nothing appended: nothing parsed
+    assert cached_parts(run) == [(0, first_size), (first_size, path.stat().st_size)]
+    assert again.totals["total_cost_usd"] == t["total_cost_usd"]
+
+
+def test_a_ledger_rewritten_in_place_is_read_again_from_the_start(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    path = write(run, [row(f"p{i}") for i in range(5)])
+    build_reports([run], formats=("csv",))
+    text = path.read_text().replace('"total_cost_usd": 0.00146256', '"total_cost_usd": 0.00246256')
+    with path.open("r+") as f:  # same file, same size, other bytes: the cached part no longer describes it
+        f.write(text)
+    result = build_reports([run], formats=("csv",))
+    assert result.totals["total_cost_usd"] == pytest.approx(5 * 0.00246256, rel=1e-12)
+    assert cached_parts(run) == [(0, path.stat().st_size)]
+
+
+def test_a_torn_tail_is_read_once_its_line_is_whole(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    path = write(run, [row("a")])
+    whole = json.dumps(row("b")) + "\n"
+    with path.open("a") as f:
+        f.write(whole[:30])
+    first = build_reports([run], formats=("csv",))
+    assert first.totals["rows"] == 1 and [s.line for s in first.data.skipped] == [2]
+    with path.open("a") as f:
+        f.write(whole[30:])
+    second = build_reports([run], formats=("csv",))
+    assert second.totals["rows"] == 2 and second.data.skipped == []
+    assert len(cached_parts(run)) == 2

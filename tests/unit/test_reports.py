@@ -608,7 +608,7 @@ def test_a_failed_rewrite_leaves_the_old_report_intact(tmp_path: Path, monkeypat
     run = tmp_path / "run"
     write_ledger(run, [make_row("a")])
     build_reports([run])
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl"}
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl" and p.is_file()}
     write_ledger(run, [make_row("b", prompt=5000)])
 
     def disk_full(fd: int) -> None:  # the data reached the temporary file, the sync fails
@@ -625,7 +625,7 @@ def test_a_failed_rewrite_leaves_the_old_report_intact(tmp_path: Path, monkeypat
     monkeypatch.setattr(reports.page, "render_html", crash)
     with pytest.raises(RuntimeError):
         build_reports([run], formats=("html",))
-    after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl"}
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl" and p.is_file()}
     assert after == before  # same files, same bytes: no temporary file left behind
 
 
