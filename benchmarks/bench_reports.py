@@ -4,7 +4,10 @@ Writes synthetic v2 ledgers (default 100,000 and 1,000,000 rows, ~650 bytes a ro
 answers, three jobs and models, failures, retries, cut streams some unpriced, a resume run on the next
 day), then runs, each as its own process (peak RSS from ``wait4``, so it is that process's own):
 
-- ``report``: ``batchgate report RUN_DIR`` writing every format (or ``--format csv`` with ``--csv``);
+- ``report``: ``batchgate report RUN_DIR`` writing every format (or ``--format csv`` with ``--csv``),
+  cold (no cached parts beside the ledger: every byte parsed);
+- ``warm``: the same with the ledger's parts cached by the previous report (nothing appended);
+- ``append``: after 2,000 more rows were appended (what an end-of-run report of a small resume costs);
 - ``duckdb``: a bare DuckDB ``read_json`` group-by over job and model with count, sum of cost and
   latency p50/p95/p99 (``quantile_cont``), far less work than the reports; the yardstick.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from batchgate.models import LEDGER_VERSION  # noqa: E402
+from batchgate.reports import CACHE_DIR  # noqa: E402
 
 # (USD per prompt token, per completion token); the platform fee is 10% on top.
 MODELS = {
@@ -146,8 +151,10 @@ def write_ledger(path: Path, rows: int, seed: int = 7) -> None:
             emit(pid, job, model, "run-B", later + timedelta(seconds=n / 50), 0.01)
 
 
-def measure(cmd: list[str]) -> dict[str, float]:
+def measure(cmd: list[str], before: Any = None) -> dict[str, float]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one child process."""
+    if before is not None:
+        before()
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -183,10 +190,27 @@ def main() -> None:
             report = [sys.executable, "-m", "batchgate", "report", str(run_dir)]
             if args.csv:
                 report += ["--format", "csv"]
-            variants = {"report": report, "duckdb": [sys.executable, "-c", DUCKDB_BASELINE, str(ledger)]}
+            cache = run_dir / CACHE_DIR
+            variants = {
+                "report": (report, lambda cache=cache: shutil.rmtree(cache, ignore_errors=True)),
+                "warm": (report, None),
+                "duckdb": ([sys.executable, "-c", DUCKDB_BASELINE, str(ledger)], None),
+            }
             for _ in range(args.repeat):
-                for name, cmd in variants.items():  # interleaved, so a busy machine slows both alike
-                    results.setdefault((name, n), []).append(measure(cmd))
+                for name, (cmd, before) in variants.items():  # interleaved, so a busy machine slows all alike
+                    results.setdefault((name, n), []).append(measure(cmd, before))
+            size = ledger.stat().st_size
+            extra = run_dir.parent / f"extra-{n}" / "results.jsonl"
+            extra.parent.mkdir(exist_ok=True)
+            write_ledger(extra, 2000, seed=n)
+            with ledger.open("ab") as f:
+                f.write(extra.read_bytes())
+            try:
+                results[("append", n)] = [measure(report)]
+            finally:
+                with ledger.open("r+b") as f:
+                    f.truncate(size)
+                shutil.rmtree(cache, ignore_errors=True)
         print(f"{'variant':<8} {'rows':>10} {'wall s':>8} {'cpu s':>7} {'peak MB':>8}")
         med: dict[tuple[str, int], dict[str, float]] = {}
         for (name, n), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -194,17 +218,20 @@ def main() -> None:
             m = med[(name, n)]
             print(f"{name:<8} {n:>10,} {m['wall']:>8.2f} {m['cpu']:>7.2f} {m['rss']:>8.0f}")
         big, small = max(sizes), min(sizes)
-        r, d = med[("report", big)], med[("duckdb", big)]
-        print(
-            f"report / duckdb at {big:,} rows: wall {r['wall'] / d['wall']:.2f}x (target <= 1.5), "
-            f"cpu {r['cpu'] / d['cpu']:.2f}x, peak RSS {r['rss'] / d['rss']:.2f}x"
-        )
-        if big != small:
-            grow = r["rss"] / med[("report", small)]["rss"]
+        d = med[("duckdb", big)]
+        for name in ("report", "warm", "append"):
+            m = med[(name, big)]
             print(
-                f"report peak RSS {big:,} / {small:,} rows: {grow:.2f}x (target <= 1.25); "
-                f"{r['rss']:.0f} MB at {big:,} (target < 300)"
+                f"{name} / duckdb at {big:,} rows: wall {m['wall'] / d['wall']:.2f}x (target <= 1.5), "
+                f"cpu {m['cpu'] / d['cpu']:.2f}x, peak RSS {m['rss'] / d['rss']:.2f}x"
             )
+        if big != small:
+            for name in ("report", "warm", "append"):
+                grow = med[(name, big)]["rss"] / med[(name, small)]["rss"]
+                print(
+                    f"{name} peak RSS {big:,} / {small:,} rows: {grow:.2f}x (target <= 1.25); "
+                    f"{med[(name, big)]['rss']:.0f} MB at {big:,} (target < 300)"
+                )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from batchgate.errors import InputError
 from . import formats as report_files
 from . import page
 from .data import REPORT_FORMATS, REPORT_KEYS, ReportData
-from .load import connect, find_ledgers, stage
+from .load import Staged, connect, find_ledgers, stage
 from .summary import REQUESTS_VIEW, aggregate, chart_data, learn_prices, open_requests, write_requests
 from .text import text_table
 
@@ -74,11 +74,13 @@ def build_reports(
             data = aggregate(con, staged, keys, prices)
             if "html" in kinds:
                 chart_data(con, data)
-            if "parquet" in kinds:
+            if "parquet" in kinds and not _part_is_the_table(staged):
                 write_requests(con, scratch / "requests.parquet")
         finally:
             con.close()
         if "parquet" in kinds:
+            if _part_is_the_table(staged):  # one part, as it stands: its bytes are requests.parquet
+                shutil.copyfile(staged.parts[0].path, scratch / "requests.parquet")
             files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
             files.append(_write(out / "summary.parquet", report_files.summary_parquet(data.summary, data.key_columns)))
         if "csv" in kinds:
@@ -125,6 +127,10 @@ def load_ledger(paths: Sequence[Path]) -> pd.DataFrame:
     # Nullable integers stay integers (Int64), not floats with NaN.
     frame: pd.DataFrame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     return frame
+
+
+def _part_is_the_table(staged: Staged) -> bool:
+    return len(staged.parts) == 1 and staged.parts[0].recorded == str(staged.parts[0].ledger.parent)
 
 
 def _move_into_place(src: Path, dst: Path) -> Path:

@@ -155,7 +155,7 @@ def sql_text(value: str) -> str:
 #: Beside each ledger: its rows already staged as Parquet parts, one per appended byte range.
 CACHE_DIR = ".report-cache"
 _INDEX = "index.json"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _TAIL = 1 << 16  # bytes before a part's end whose hash proves the ledger still begins the same way
 
 
@@ -166,6 +166,7 @@ class StagedPart:
     path: Path
     rows: int
     ledger: Path
+    recorded: str  # the ``ledger`` column as the part holds it (the run directory as it was reached then)
 
 
 @dataclass
@@ -241,6 +242,7 @@ def _stage_ledger(
                 "file": name,
                 "rows": int(rows[0]) if rows else 0,
                 "tail": tail,
+                "name": str(ledger.parent),
                 "skipped": [[s.line, s.reason] for s in bad],
                 "dir": str(where),
             }
@@ -249,7 +251,7 @@ def _stage_ledger(
             body = {"format": _CACHE_FORMAT, "dev": st.st_dev, "ino": st.st_ino, "parts": index}
             with contextlib.suppress(OSError):
                 write_atomic(home / _INDEX, orjson.dumps(body))
-    parts = [StagedPart(Path(e["dir"]) / e["file"], e["rows"], ledger) for e in index]
+    parts = [StagedPart(Path(e["dir"]) / e["file"], e["rows"], ledger, str(e["name"])) for e in index]
     skipped = [SkippedLine(ledger, int(line), str(reason)) for e in index for line, reason in e["skipped"]]
     if end < size:  # a torn last line: a crash mid-write, or a run still writing; read once it is whole
         reason = "torn last line (a crash mid-write, or a run still writing)"
@@ -269,7 +271,7 @@ def _valid_index(home: Path, st: os.stat_result, f: IO[bytes], end: int) -> list
         parts: list[dict[str, Any]] = body["parts"]
         expected = 0
         for part in parts:
-            if part["start"] != expected or not (home / part["file"]).is_file():
+            if part["start"] != expected or not isinstance(part["name"], str) or not (home / part["file"]).is_file():
                 return []
             part["dir"] = str(home)  # wherever the ledger is reached from now
             expected = part["end"]

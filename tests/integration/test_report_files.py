@@ -308,6 +308,8 @@ def test_a_report_after_a_resume_reads_only_the_appended_bytes(tmp_path: Path) -
     want = fresh_totals(run, tmp_path)
     assert {k: v for k, v in t.items() if k != "wall_s"} == want
     assert pq.read_table(run / "requests.parquet").num_rows == 24
+    schema = pq.read_schema(run / "requests.parquet")  # rewritten from two parts: still the one schema
+    assert schema.names == list(REQUEST_COLUMNS) and all(field.nullable for field in schema)
     again = build_reports([run], formats=("csv",))  # nothing appended: nothing parsed
     assert cached_parts(run) == [(0, first_size), (first_size, path.stat().st_size)]
     assert again.totals["total_cost_usd"] == t["total_cost_usd"]
