@@ -171,13 +171,20 @@ def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[s
 def write_requests(con: duckdb.DuckDBPyConnection, out: Path) -> None:
     """``requests.parquet``: the staged rows of every ledger in one file, ``REQUEST_COLUMNS`` in ledger order.
 
-    Written through pyarrow with one fixed schema, every field nullable: DuckDB would mark a column
-    required when this run happened to hold no null in it, and two runs would no longer read together.
+    Every field must stay nullable whatever this run held, or two runs would not read together: DuckDB
+    marks a column required when its statistics prove it has no null, so a branch that can (but never
+    does) add a null row keeps them unproven.  Should a DuckDB still write a required field, the file
+    is written again through pyarrow with the fixed schema.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = request_schema()
+    nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in REQUEST_COLUMNS.items())
+    query = f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ROWS_VIEW} UNION ALL SELECT {nulls} WHERE random() > 2"
+    con.execute(f"COPY ({query}) TO {sql_text(str(out))} (FORMAT parquet, COMPRESSION snappy, ROW_GROUP_SIZE 50000)")
+    if pq.read_schema(out).equals(schema, check_metadata=False):
+        return
     reader = con.sql(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ROWS_VIEW}").to_arrow_reader(50_000)
     with pq.ParquetWriter(str(out), schema, compression="snappy") as writer:
         for batch in reader:
