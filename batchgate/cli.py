@@ -538,7 +538,7 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
     from . import reports
 
     formats = ("csv", "parquet", "html") if "all" in fmt else fmt
-    with _terminate_as_exit():  # SIGTERM unwinds like Ctrl-C: the report's temporary files are removed
+    with _terminate_as_exit():  # SIGTERM and Ctrl-C unwind: the report's temporary files are removed
         result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
     click.echo(result.table)
     for skipped in result.data.skipped:
@@ -549,18 +549,29 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
 
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
+    got: list[int] = []
+
     def handle(signum: int, frame: object) -> None:
+        got.append(signum)
         raise SystemExit(128 + signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handle)
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
+    except Exception:
+        if got:  # DuckDB turns a signal mid-query into "Query interrupted": it is still the signal
+            raise SystemExit(128 + got[0]) from None
+        raise
+    else:
+        if got:  # a signal some library caught and swallowed: the run of the command still ends by it
+            raise SystemExit(128 + got[0])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # -- simulate ---------------------------------------------------------------------------------------

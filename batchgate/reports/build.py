@@ -63,9 +63,10 @@ def build_reports(
     except OSError as e:
         raise InputError(f"{out}: cannot create the report directory: {e.strerror or e}") from e
     report_files.clean_stale(out)
-    scratch = report_files.scratch_dir(out)
+    scratch = report_files.scratch_path(out)
     files: list[Path] = []
-    try:
+    try:  # from before the directory exists: a signal between its mkdir and here would leave it behind
+        report_files.make_scratch(scratch)
         con = connect(scratch)
         try:
             staged = stage(con, ledgers, scratch)

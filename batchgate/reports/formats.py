@@ -23,7 +23,7 @@ from batchgate.ledger import write_atomic
 
 from .data import SUMMARY_METRICS
 
-__all__ = ["clean_stale", "csv_number", "scratch_dir", "summary_csv", "summary_parquet", "write_file"]
+__all__ = ["clean_stale", "csv_number", "make_scratch", "scratch_path", "summary_csv", "summary_parquet", "write_file"]
 
 _SUMMARY_INTS = {
     "requests",
@@ -92,12 +92,15 @@ def write_file(path: Path, data: bytes) -> None:
         raise InputError(f"{path}: cannot write the report: {e.strerror or e}") from e
 
 
-def scratch_dir(out_dir: Path) -> Path:
-    """A fresh scratch directory inside ``out_dir`` (same file system: its files are renamed into place)."""
-    path = out_dir / f".report-{os.getpid()}.tmp"
+def scratch_path(out_dir: Path) -> Path:
+    """This process's scratch directory inside ``out_dir`` (same file system: its files are renamed into place)."""
+    return out_dir / f".report-{os.getpid()}.tmp"
+
+
+def make_scratch(path: Path) -> None:
+    """Create ``path`` empty (a crashed report of a process with our pid may have left it)."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir()
-    return path
 
 
 def clean_stale(out_dir: Path) -> list[Path]:

@@ -251,6 +251,10 @@ def _stage_ledger(
             body = {"format": _CACHE_FORMAT, "dev": st.st_dev, "ino": st.st_ino, "parts": index}
             with contextlib.suppress(OSError):
                 write_atomic(home / _INDEX, orjson.dumps(body))
+                kept = {e["file"] for e in index}
+                for stray in home.glob("part-*.parquet"):  # a part whose index a killed report never wrote
+                    if stray.name not in kept:
+                        stray.unlink(missing_ok=True)
     parts = [StagedPart(Path(e["dir"]) / e["file"], e["rows"], ledger, str(e["name"])) for e in index]
     skipped = [SkippedLine(ledger, int(line), str(reason)) for e in index for line, reason in e["skipped"]]
     if end < size:  # a torn last line: a crash mid-write, or a run still writing; read once it is whole
@@ -303,6 +307,8 @@ def _stage_source(
         _copy(con, [str(source)], [name], out)
         if _ids_are_strings(con, out):
             return []
+    except duckdb.InterruptException:  # a signal, not a damaged ledger
+        raise
     except duckdb.Error:
         pass
     kept = out.with_suffix(".rows.jsonl")

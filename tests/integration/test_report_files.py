@@ -268,6 +268,7 @@ def test_sigterm_mid_report_leaves_nothing_behind(tmp_path: Path) -> None:
         time.sleep(0.01)
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=30)
+    assert child.returncode in (128 + signal.SIGTERM, 0)  # 0: it finished before the signal came
     assert leftovers(run) == []
     assert "Traceback" not in err.decode()
 
