@@ -4,6 +4,12 @@ Read-only over ``results.jsonl``; never imported by ``runner``.  Layers, each im
 before it: ``data`` (the public numbers a report is made of) -> ``load`` (finding ledgers, staging them
 with DuckDB) -> ``summary`` (aggregates) -> ``formats`` / ``text`` / ``charts`` -> ``page`` -> ``build``.
 DuckDB, pyarrow, pandas and matplotlib are imported only inside the functions that use them.
+
+Each ledger's rows are staged once as typed Parquet parts in ``.report-cache/`` beside it (one per
+appended byte range), so a report after a run parses only what that run appended.  ``requests.parquet``
+has one fixed schema (``REQUEST_COLUMNS``, every field nullable), so runs read together, e.g.::
+
+    duckdb -c "SELECT model, sum(total_cost_usd) FROM 'reports/*/requests.parquet' GROUP BY model"
 """
 
 from .build import ALL_DIR, ReportResult, build_reports, default_out_dir, load_ledger
