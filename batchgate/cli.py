@@ -13,9 +13,10 @@ import functools
 import gc
 import os
 import resource
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -617,7 +618,12 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write the reports.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the reports [default: the run directory; _all/ under the parent for several runs].",
+)
 @click.option("--by", default="job,model", show_default=True, help="Group by any of job,model,day,status.")
 @click.option(
     "--format",
@@ -633,8 +639,11 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
     from . import reports
 
     formats = ("csv", "parquet", "html") if "all" in fmt else fmt
-    result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
+    with _terminate_as_exit():  # SIGTERM and Ctrl-C unwind: the report's temporary files are removed
+        result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
     click.echo(result.table)
+    for skipped in result.data.skipped:
+        click.echo(f"{skipped.ledger}:{skipped.line}: skipped: {skipped.reason}", err=True)
     for f in result.files:
         click.echo(f"wrote {f}")
 
@@ -749,6 +758,31 @@ def budget_status_command(out_dir: Path | None, budget_file: Path | None, as_jso
         click.echo(line)
     if status.unreadable_lines:
         click.echo(f"batchgate: {status.unreadable_lines} unreadable line(s) skipped", err=True)
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    got: list[int] = []
+
+    def handle(signum: int, frame: object) -> None:
+        got.append(signum)
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        if got:  # DuckDB turns a signal mid-query into "Query interrupted": it is still the signal
+            raise SystemExit(128 + got[0]) from None
+        raise
+    else:
+        if got:  # a signal some library caught and swallowed: the run of the command still ends by it
+            raise SystemExit(128 + got[0])
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # -- simulate ---------------------------------------------------------------------------------------

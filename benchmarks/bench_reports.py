@@ -1,28 +1,29 @@
-"""Report building over a big ledger: ``build_reports`` vs a naive ``pandas.read_json(lines=True)``.
+"""``batchgate report`` over big ledgers against a bare DuckDB group-by over the same file, same run.
 
-Writes a realistic ledger (default one million rows, ~200-character answers, three jobs and
-models, failures, retries, cut streams some of them unpriced, a resume run on the next day), then
-times, each in its own subprocess so peak RSS is its own:
+Writes synthetic v2 ledgers (default 100,000 and 1,000,000 rows, ~650 bytes a row: ~200-character
+answers, three jobs and models, failures, retries, cut streams some unpriced, a resume run on the next
+day), then runs, each as its own process (peak RSS from ``wait4``, so it is that process's own):
 
-- ``batchgate``: ``build_reports`` writing every format (requests.parquet, summary.csv/.parquet,
-  report.html);
-- ``naive``: ``pandas.read_json(lines=True)`` and a groupby over job and model (sums, counts and
-  latency percentiles), far less work than the reports.
+- ``report``: ``batchgate report RUN_DIR`` writing every format (or ``--format csv`` with ``--csv``),
+  cold (no cached parts beside the ledger: every byte parsed);
+- ``warm``: the same with the ledger's parts cached by the previous report (nothing appended);
+- ``append``: after 2,000 more rows were appended (what an end-of-run report of a small resume costs);
+- ``duckdb``: a bare DuckDB ``read_json`` group-by over job and model with count, sum of cost and
+  latency p50/p95/p99 (``quantile_cont``), far less work than the reports; the yardstick.
 
-Wall seconds around the work only (imports excluded), and peak RSS (``ru_maxrss``) of each child.
+Prints wall seconds, CPU seconds and peak RSS of each, and the ratios the targets are stated in:
+report wall at the largest size / DuckDB wall there (target <= 1.5), report peak RSS at the largest
+size / at the smallest (target <= 1.25) and the peak in MB (target < 300).  Not part of the test suite.
 
-    python benchmarks/bench_reports.py [--rows 1000000] [--repeat 1] [--keep DIR] [--skip-naive]
-
-Pin it to one core with ``taskset -c 0 python benchmarks/bench_reports.py``.
+    python benchmarks/bench_reports.py [--rows 100000,1000000] [--repeat 3] [--keep DIR] [--csv]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-_HERE = Path(__file__).resolve()
+from batchgate.models import LEDGER_VERSION  # noqa: E402
+from batchgate.reports import CACHE_DIR  # noqa: E402
+
 # (USD per prompt token, per completion token); the platform fee is 10% on top.
 MODELS = {
     "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8": (2.0e-7, 6.0e-7),
@@ -47,6 +50,16 @@ MODELS = {
 }
 JOBS = ("nightly-summaries", "support-triage", "translate-fr")
 CAUSES = ("rate_limited", "server_error", "stream_interrupted", "timeout")
+DUCKDB_BASELINE = """
+import sys, duckdb
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")
+rows = con.execute(
+    "SELECT job, model, count(*), sum(total_cost_usd), quantile_cont(latency_s, [0.5, 0.95, 0.99]) "
+    "FROM read_json(?, format = 'newline_delimited') GROUP BY ALL", [sys.argv[1]]
+).fetchall()
+assert rows
+"""
 
 
 def repo_env() -> dict[str, str]:
@@ -92,8 +105,9 @@ def write_ledger(path: Path, rows: int, seed: int = 7) -> None:
                 ttft = round(rnd.lognormvariate(-1.2, 0.5), 6)
             fee = base * 0.1
             row = {
-                "v": 1,
+                "v": LEDGER_VERSION,
                 "id": pid,
+                "sample": 0,
                 "job": job,
                 "run_id": run_id,
                 "model": model,
@@ -112,6 +126,13 @@ def write_ledger(path: Path, rows: int, seed: int = 7) -> None:
                 "ttft_s": ttft,
                 "latency_s": round(rnd.lognormvariate(0.6, 0.6) + 2.0 * (attempts - 1), 6),
                 "error": error,
+                "fingerprint": f"{rnd.getrandbits(128):032x}",
+                "request_id": None if failed else f"req-{written:09d}",
+                "reasoning": None,
+                "tool_calls": None,
+                "cost_status": "confirmed" if not cut else "unconfirmed",
+                "warnings": None,
+                "cached": False,
             }
             f.write(orjson.dumps(row) + b"\n")
             written += 1
@@ -130,94 +151,87 @@ def write_ledger(path: Path, rows: int, seed: int = 7) -> None:
             emit(pid, job, model, "run-B", later + timedelta(seconds=n / 50), 0.01)
 
 
-def child(mode: str, ledger: Path, out: Path) -> None:
-    """Run one variant and print its seconds and peak RSS as one JSON line."""
-    import pandas as pd
-
-    from batchgate.reports import build_reports
-
+def measure(cmd: list[str], before: Any = None) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one child process."""
+    if before is not None:
+        before()
     t0 = time.perf_counter()
-    if mode == "batchgate":
-        result = build_reports([ledger.parent], out, by=("job", "model"), formats=("csv", "parquet", "html"))
-        extra: dict[str, Any] = {
-            "total_cost_usd": result.totals["total_cost_usd"],
-            "html_bytes": (out / "report.html").stat().st_size,
-            "requests_parquet_bytes": (out / "requests.parquet").stat().st_size,
-        }
-    else:
-        df = pd.read_json(ledger, lines=True)
-        grouped = df.groupby(["job", "model"]).agg(
-            requests=("id", "nunique"),
-            rows=("id", "size"),
-            total_cost_usd=("total_cost_usd", "sum"),
-            prompt_tokens=("prompt_tokens", "sum"),
-            completion_tokens=("completion_tokens", "sum"),
-            latency_p50=("latency_s", lambda s: s.quantile(0.5)),
-            latency_p95=("latency_s", lambda s: s.quantile(0.95)),
-        )
-        extra = {"total_cost_usd": float(grouped["total_cost_usd"].sum())}
-    seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_mb": peak_mb, **extra}))
-
-
-def run_child(mode: str, ledger: Path, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(_HERE), "--child", mode, "--ledger", str(ledger), "--out", str(out)]
-    done = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    child = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - t0
+    err = child.stderr.read().decode() if child.stderr else ""
+    if child.stderr:
+        child.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd} failed:\n{err}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per variant (medians shown)")
-    parser.add_argument("--keep", type=Path, help="keep the ledger and reports here (a ledger there is reused)")
-    parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--child", choices=("batchgate", "naive"), help=argparse.SUPPRESS)
-    parser.add_argument("--ledger", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", default="100000,1000000", help="ledger sizes, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant and size (medians shown)")
+    parser.add_argument("--keep", type=Path, help="keep the ledgers here (ledgers there are reused)")
+    parser.add_argument("--csv", action="store_true", help="report --format csv (no Parquet, no page)")
     args = parser.parse_args()
-    if args.child:
-        child(args.child, args.ledger, args.out)
-        return
-
+    sizes = [int(n) for n in args.rows.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-reports-") as tmp:
         root = args.keep or Path(tmp)
-        run_dir = root / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ledger = run_dir / "results.jsonl"
-        t0 = time.perf_counter()
-        if args.keep and ledger.exists():
-            print(f"ledger: reusing {ledger}")
-        else:
-            write_ledger(ledger, args.rows)
-        rows = sum(1 for _ in ledger.open("rb"))
-        size_mb = ledger.stat().st_size / 1e6
-        print(f"ledger: {rows:,} rows, {size_mb:,.0f} MB, ready in {time.perf_counter() - t0:.1f} s")
-        modes = ["batchgate"] if args.skip_naive else ["batchgate", "naive"]
-        results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-        for _ in range(args.repeat):
-            for mode in modes:  # interleaved, so a busy machine slows both alike
-                results[mode].append(run_child(mode, ledger, root / "reports"))
-        print(f"{'variant':<10} {'median s':>9} {'best s':>7} {'peak RSS MB':>12}  notes")
-        for mode in modes:
-            seconds = statistics.median(r["seconds"] for r in results[mode])
-            best = min(r["seconds"] for r in results[mode])
-            peak = max(r["peak_rss_mb"] for r in results[mode])
-            last = results[mode][-1]
-            notes = f"total ${last['total_cost_usd']:,.6f}"
-            if mode == "batchgate":
-                notes += f", report.html {last['html_bytes'] / 1e3:,.0f} kB"
-                notes += f", requests.parquet {last['requests_parquet_bytes'] / 1e6:,.1f} MB"
-            print(f"{mode:<10} {seconds:>9.2f} {best:>7.2f} {peak:>12,.0f}  {notes}")
-        if "naive" in results:
-            ratio = statistics.median(r["seconds"] for r in results["naive"]) / statistics.median(
-                r["seconds"] for r in results["batchgate"]
+        results: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for n in sizes:
+            run_dir = root / f"run-{n}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ledger = run_dir / "results.jsonl"
+            t0 = time.perf_counter()
+            if not ledger.exists():
+                write_ledger(ledger, n)
+            ready = time.perf_counter() - t0
+            print(f"ledger {n:>10,} rows: {ledger.stat().st_size / 1e6:,.0f} MB (ready in {ready:.1f} s)")
+            report = [sys.executable, "-m", "batchgate", "report", str(run_dir)]
+            if args.csv:
+                report += ["--format", "csv"]
+            cache = run_dir / CACHE_DIR
+            variants = {
+                "report": (report, lambda cache=cache: shutil.rmtree(cache, ignore_errors=True)),
+                "warm": (report, None),
+                "duckdb": ([sys.executable, "-c", DUCKDB_BASELINE, str(ledger)], None),
+            }
+            for _ in range(args.repeat):
+                for name, (cmd, before) in variants.items():  # interleaved, so a busy machine slows all alike
+                    results.setdefault((name, n), []).append(measure(cmd, before))
+            size = ledger.stat().st_size
+            extra = run_dir.parent / f"extra-{n}" / "results.jsonl"
+            extra.parent.mkdir(exist_ok=True)
+            write_ledger(extra, 2000, seed=n)
+            with ledger.open("ab") as f:
+                f.write(extra.read_bytes())
+            try:
+                results[("append", n)] = [measure(report)]
+            finally:
+                with ledger.open("r+b") as f:
+                    f.truncate(size)
+                shutil.rmtree(cache, ignore_errors=True)
+        print(f"{'variant':<8} {'rows':>10} {'wall s':>8} {'cpu s':>7} {'peak MB':>8}")
+        med: dict[tuple[str, int], dict[str, float]] = {}
+        for (name, n), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            med[(name, n)] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "cpu", "rss")}
+            m = med[(name, n)]
+            print(f"{name:<8} {n:>10,} {m['wall']:>8.2f} {m['cpu']:>7.2f} {m['rss']:>8.0f}")
+        big, small = max(sizes), min(sizes)
+        d = med[("duckdb", big)]
+        for name in ("report", "warm", "append"):
+            m = med[(name, big)]
+            print(
+                f"{name} / duckdb at {big:,} rows: wall {m['wall'] / d['wall']:.2f}x (target <= 1.5), "
+                f"cpu {m['cpu'] / d['cpu']:.2f}x, peak RSS {m['rss'] / d['rss']:.2f}x"
             )
-            print(f"naive / batchgate (medians): {ratio:.1f}x")
+        if big != small:
+            for name in ("report", "warm", "append"):
+                grow = med[(name, big)]["rss"] / med[(name, small)]["rss"]
+                print(
+                    f"{name} peak RSS {big:,} / {small:,} rows: {grow:.2f}x (target <= 1.25); "
+                    f"{med[(name, big)]['rss']:.0f} MB at {big:,} (target < 300)"
+                )
 
 
 if __name__ == "__main__":

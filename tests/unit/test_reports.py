@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchgate import reports
 from batchgate.errors import InputError, LedgerError
@@ -29,6 +33,45 @@ from batchgate.reports import ALL, SUMMARY_METRICS, build_reports, find_ledgers,
 # USD per prompt token and per completion token; the fee is 10% on top, as GonkaGate bills it.
 PRICES = {"m-small": (1.0e-7, 3.0e-7), "m-large": (4.0e-7, 1.2e-6), "m-odd$": (2.0e-7, 5.0e-7)}
 FEE = 0.1
+#: requests.parquet's Arrow types: fixed, whatever the run held.
+ARROW_TYPES = {
+    "ledger": "string",
+    "v": "int64",
+    "id": "string",
+    "sample": "int64",
+    "job": "string",
+    "run_id": "string",
+    "model": "string",
+    "status": "string",
+    "finish_reason": "string",
+    "prompt_tokens": "int64",
+    "completion_tokens": "int64",
+    "total_tokens": "int64",
+    "base_cost_usd": "double",
+    "platform_fee_usd": "double",
+    "total_cost_usd": "double",
+    "unconfirmed_completion_tokens": "int64",
+    "unconfirmed_cost_usd": "double",
+    "attempts": "int64",
+    "retries": "int64",
+    "retry_causes": "list<element: string>",
+    "started_at": "timestamp[us, tz=UTC]",
+    "finished_at": "timestamp[us, tz=UTC]",
+    "day": "date32[day]",
+    "ttft_s": "double",
+    "latency_s": "double",
+    "error_type": "string",
+    "error_status": "int64",
+    "error_message": "string",
+    "error_code": "string",
+    "request_id": "string",
+    "fingerprint": "string",
+    "cost_status": "string",
+    "cached": "bool",
+    "cached_cost_usd": "double",
+    "has_reasoning": "bool",
+    "has_tool_calls": "bool",
+}
 INT_METRICS = {
     "requests",
     "ok",
@@ -287,7 +330,7 @@ def test_every_summary_column_matches_an_independent_computation(
         assert not (summary["level"] == "day").any()
     # The Parquet summary holds the same numbers as the CSV.
     parquet = pd.read_parquet(out / "summary.parquet")
-    pd.testing.assert_frame_equal(parquet.reset_index(drop=True), summary, check_dtype=False, atol=0, rtol=1e-15)
+    pd.testing.assert_frame_equal(parquet.reset_index(drop=True), summary, check_dtype=False, atol=0, rtol=1e-14)
     total = expected(fleet, [])[()]
     assert result.totals["total_cost_usd"] == pytest.approx(total["total_cost_usd"], abs=1e-12)
     assert result.totals["requests"] == total["requests"]
@@ -396,31 +439,57 @@ def test_model_without_confirmed_rows_stays_unpriced(tmp_path: Path) -> None:
 # -- reading ledgers -------------------------------------------------------------------------------
 
 
-def test_torn_last_line_is_skipped_silently_but_a_complete_unterminated_row_counts(tmp_path: Path) -> None:
+def test_torn_last_line_is_skipped_and_named_but_a_complete_unterminated_row_counts(tmp_path: Path) -> None:
     torn = write_ledger(tmp_path / "torn", [make_row("a"), make_row("b")], tail=b'{"v": 1, "id": "c", "sta')
     whole = write_ledger(tmp_path / "whole", [make_row("a")], tail=json.dumps(make_row("b")).encode())
     assert load_ledger([torn])["id"].tolist() == ["a", "b"]
     assert load_ledger([whole])["id"].tolist() == ["a", "b"]
     result = build_reports([tmp_path / "torn"], formats=("csv",))
     assert result.totals["rows"] == 2
-    assert result.totals["skipped_lines"] == 0
-    assert "unreadable" not in result.table
+    assert result.totals["skipped_lines"] == 1
+    assert [(s.ledger, s.line) for s in result.data.skipped] == [(torn, 3)]
+    assert "torn last line" in result.data.skipped[0].reason
+    assert f"{torn}:3" in result.table
+    assert build_reports([tmp_path / "whole"], formats=("csv",)).totals["skipped_lines"] == 0
 
 
-def test_unreadable_middle_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+def test_damaged_lines_are_skipped_counted_and_named_by_line(tmp_path: Path) -> None:
     path = write_ledger(tmp_path / "run", [make_row("a")])
     with path.open("ab") as f:
-        f.write(b'{"v": 1, "id": "torn-then-resumed"\n[1, 2]\n\n')
+        f.write(b'{"v": 1, "id": "torn-then-resumed"\n[1, 2]\n\n')  # lines 2, 3 and a blank line 4
+        f.write(b"\x00\x00\x00\x00\n")  # 5: NUL bytes (a crash on some file systems)
+        f.write(json.dumps(make_row("x") | {"id": 17}).encode() + b"\n")  # 6: an id that is not a string
+        f.write(json.dumps(make_row("y") | {"attempts": "three"}).encode() + b"\n")  # 7: a wrongly typed field
+        f.write(b'{"id": "nul\x00inside"}\n')  # 8: a NUL byte inside a string
     write_ledger(tmp_path / "run", [make_row("b")])
     result = build_reports([tmp_path / "run"], formats=("csv",))
     assert result.totals["rows"] == 2
-    assert result.totals["skipped_lines"] == 2
-    assert "2 unreadable ledger lines were skipped" in result.table
+    assert result.totals["skipped_lines"] == 6
+    assert [s.line for s in result.data.skipped] == [2, 3, 5, 6, 7, 8]
+    assert "id is not a string" in result.data.skipped[3].reason
+    assert "6 unreadable ledger lines were skipped" in result.table
+    assert load_ledger([path])["id"].tolist() == ["a", "b"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b), min_size=1, max_size=4))
+def test_any_garbage_between_rows_is_skipped_never_a_crash(tmp_path: Path, junk: list[bytes]) -> None:
+    run = Path(tempfile.mkdtemp(dir=tmp_path))  # hypothesis reuses tmp_path across examples
+    path = write_ledger(run, [make_row("a")])
+    with path.open("ab") as f:
+        for j in junk:
+            f.write(j + b"\n")
+    write_ledger(run, [make_row("b")])
+    frame = load_ledger([path])
+    assert {"a", "b"} <= set(frame["id"])
+    result = build_reports([run], formats=("csv",))
+    assert result.totals["skipped_lines"] + result.totals["rows"] >= 2
+    assert result.totals["skipped_lines"] <= len(junk)
 
 
 def test_a_row_longer_than_a_read_block_is_read(tmp_path: Path) -> None:
     big = make_row("big")
-    big["content"] = "x" * (reports._BLOCK + 1000)
+    big["content"] = "x" * (5 << 20)
     path = write_ledger(tmp_path / "run", [make_row("a"), big, make_row("c")])
     frame = load_ledger([path])
     assert frame["id"].tolist() == ["a", "big", "c"]
@@ -437,29 +506,24 @@ def test_ledger_from_a_newer_batchgate_is_refused(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_a_ledger_raises_ledger_error(tmp_path: Path) -> None:
     path = write_ledger(tmp_path / "run", [{"v": 1, "id": "a", "attempts": "three"}])
-    with pytest.raises(LedgerError, match=r"results\.jsonl: not a batchgate ledger"):
+    with pytest.raises(LedgerError, match=r"results\.jsonl:1: not a batchgate ledger"):
         load_ledger([path])
 
 
 def test_requests_table_is_typed(fleet: dict[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
     build_reports([tmp_path / "runs"], tmp_path / "out", formats=("parquet",))
+    schema = pq.read_schema(tmp_path / "out" / "requests.parquet")
+    assert {name: str(schema.field(name).type) for name in schema.names} == ARROW_TYPES
     frame = pd.read_parquet(tmp_path / "out" / "requests.parquet")
     assert len(frame) == sum(len(rows) for rows in fleet.values())
-    assert str(frame["started_at"].dtype) == "datetime64[us, UTC]"
-    assert str(frame["finished_at"].dtype) == "datetime64[us, UTC]"
-    for name in ("job", "model", "status", "run_id", "ledger", "day", "error_type"):
-        assert isinstance(frame[name].dtype, pd.CategoricalDtype), name
-    for name in ("prompt_tokens", "completion_tokens", "attempts", "retries"):
-        assert str(frame[name].dtype) == "Int64", name
-    for name in ("total_cost_usd", "unconfirmed_cost_usd", "latency_s", "ttft_s"):
-        assert str(frame[name].dtype) == "float64", name
     x6 = frame[frame["id"] == "x6"].iloc[0]
-    assert x6["day"] == "2025-03-01"  # 00:30 at +02:00 is the evening before in UTC
+    assert str(x6["day"]) == "2025-03-01"  # 00:30 at +02:00 is the evening before in UTC
     assert x6["started_at"] == pd.Timestamp("2025-03-01T22:30:00Z")
     x1 = frame[(frame["id"] == "x1") & (frame["run_id"] == "r1")].iloc[0]
     assert list(x1["retry_causes"]) == ["server_error", "server_error"]
     assert x1["error_type"] == "server_error"
     assert x1["finished_at"] - x1["started_at"] == pd.Timedelta(seconds=3.5)
+    assert x1["sample"] == 0 and pd.isna(x1["request_id"]) and pd.isna(x1["cost_status"])  # v1: v2 columns null
     assert not (tmp_path / "out" / "summary.csv").exists()  # only the formats asked for
 
 
@@ -502,9 +566,15 @@ def test_a_file_that_is_not_results_jsonl_is_refused(tmp_path: Path) -> None:
 # -- build_reports options and writes ---------------------------------------------------------------
 
 
-def test_several_ledgers_need_an_output_directory(fleet: dict[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="--out"):
-        build_reports([tmp_path / "runs"])
+def test_several_ledgers_default_to_all_under_their_parent(
+    fleet: dict[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    result = build_reports([tmp_path / "runs"], formats=("csv",))
+    assert result.files == [tmp_path / "runs" / "_all" / "summary.csv"]
+    first, second = fleet
+    again = build_reports([first, second], formats=("csv",))  # two directories: their common parent
+    assert again.files == [tmp_path / "runs" / "_all" / "summary.csv"]
+    assert find_ledgers([tmp_path / "runs"]) == [d / "results.jsonl" for d in fleet]  # _all is no run
 
 
 def test_unknown_keys_and_formats_are_input_errors(tmp_path: Path) -> None:
@@ -538,7 +608,7 @@ def test_a_failed_rewrite_leaves_the_old_report_intact(tmp_path: Path, monkeypat
     run = tmp_path / "run"
     write_ledger(run, [make_row("a")])
     build_reports([run])
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl"}
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl" and p.is_file()}
     write_ledger(run, [make_row("b", prompt=5000)])
 
     def disk_full(fd: int) -> None:  # the data reached the temporary file, the sync fails
@@ -552,10 +622,10 @@ def test_a_failed_rewrite_leaves_the_old_report_intact(tmp_path: Path, monkeypat
     def crash(*args: object) -> str:
         raise RuntimeError("renderer crashed")
 
-    monkeypatch.setattr(reports, "_page", crash)
+    monkeypatch.setattr(reports.page, "render_html", crash)
     with pytest.raises(RuntimeError):
         build_reports([run], formats=("html",))
-    after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl"}
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "results.jsonl" and p.is_file()}
     assert after == before  # same files, same bytes: no temporary file left behind
 
 

@@ -1,0 +1,173 @@
+"""``build_reports``: find the ledgers, stage them, aggregate, write every asked-for file atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batchgate.errors import InputError
+
+from . import formats as report_files
+from . import page
+from .data import REPORT_FORMATS, REPORT_KEYS, ReportData
+from .load import Staged, connect, find_ledgers, stage
+from .summary import REQUESTS_VIEW, aggregate, chart_data, learn_prices, open_requests, write_requests
+from .text import text_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["ALL_DIR", "ReportResult", "build_reports", "default_out_dir", "load_ledger"]
+
+#: Where a report over several runs goes by default, under their common parent.
+ALL_DIR = "_all"
+
+
+@dataclass
+class ReportResult:
+    """What ``build_reports`` wrote and the headline numbers, for the CLI to print."""
+
+    files: list[Path]
+    totals: dict[str, float | int]
+    table: str
+    data: ReportData
+
+
+def build_reports(
+    paths: Sequence[str | Path],
+    out_dir: Path | None = None,
+    *,
+    by: Sequence[str] = ("job", "model"),
+    formats: Sequence[str] = REPORT_FORMATS,
+    width: int | None = None,
+) -> ReportResult:
+    """Read the ledgers under ``paths`` and write the reports into ``out_dir``, each file atomically.
+
+    ``out_dir`` defaults to the ledger's own directory for one ledger, and to ``_all/`` under the
+    runs' common parent for several.  Writes ``requests.parquet`` and ``summary.parquet`` (parquet),
+    ``summary.csv`` (csv), ``report.html`` (html).  ``width`` is the terminal table's width (default:
+    the terminal's).  Returns the files written, the totals and the terminal table.
+    Raises ``InputError`` for bad keys/formats or no ledger found; ``LedgerError`` for an unreadable ledger.
+    """
+    keys = _check_keys(by)
+    kinds = _check_formats(formats)
+    ledgers = find_ledgers(paths)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(paths, ledgers)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the report directory: {e.strerror or e}") from e
+    report_files.clean_stale(out)
+    scratch = report_files.scratch_path(out)
+    files: list[Path] = []
+    try:  # from before the directory exists: a signal between its mkdir and here would leave it behind
+        report_files.make_scratch(scratch)
+        con = connect(scratch)
+        try:
+            staged = stage(con, ledgers, scratch)
+            prices = learn_prices(con, staged)
+            open_requests(con, staged, prices)
+            data = aggregate(con, staged, keys, prices)
+            if "html" in kinds:
+                chart_data(con, data)
+            if "parquet" in kinds and not _part_is_the_table(staged):
+                write_requests(con, scratch / "requests.parquet")
+        finally:
+            con.close()
+        if "parquet" in kinds:
+            if _part_is_the_table(staged):  # one part, as it stands: its bytes are requests.parquet
+                shutil.copyfile(staged.parts[0].path, scratch / "requests.parquet")
+            files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
+            files.append(_write(out / "summary.parquet", report_files.summary_parquet(data.summary, data.key_columns)))
+        if "csv" in kinds:
+            files.append(_write(out / "summary.csv", report_files.summary_csv(data.summary, data.key_columns)))
+        if "html" in kinds:
+            files.append(_write(out / "report.html", page.render_html(data).encode()))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    columns = width if width is not None else shutil.get_terminal_size((100, 24)).columns
+    return ReportResult(files=files, totals=data.totals, table=text_table(data, columns), data=data)
+
+
+def default_out_dir(paths: Sequence[str | Path], ledgers: Sequence[Path]) -> Path:
+    """One ledger: its own directory.  Several: ``_all/`` under the one directory given, else their common parent."""
+    if len(ledgers) == 1:
+        return ledgers[0].parent
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return Path(paths[0]) / ALL_DIR
+    common = Path(os.path.commonpath([str(p.parent.resolve()) for p in ledgers]))
+    return common / ALL_DIR
+
+
+def load_ledger(paths: Sequence[Path]) -> pd.DataFrame:
+    """Read ledgers into one typed requests table (the columns of ``requests.parquet``), one row per ledger row.
+
+    Adds ``latest`` (the last row of its (ledger, id, sample): request counts use only those) and
+    ``unconfirmed_estimate_usd`` (this report's price for cut attempts the ledger left unpriced).
+    Damaged lines are left out (``build_reports`` lists them).  Raises ``LedgerError`` for an unreadable ledger.
+    """
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="batchgate-load-") as tmp:
+        work = Path(tmp)
+        con = connect(work)
+        try:
+            staged = stage(con, [Path(p) for p in paths], work, cache=False)  # a read leaves no trace
+            open_requests(con, staged, learn_prices(con, staged))
+            query = f"SELECT * FROM {REQUESTS_VIEW} ORDER BY seq"
+            table = con.sql(query).to_arrow_table()
+        finally:
+            con.close()
+    import pyarrow as pa
+
+    # Nullable integers stay integers (Int64), not floats with NaN.
+    frame: pd.DataFrame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    return frame
+
+
+def _part_is_the_table(staged: Staged) -> bool:
+    return len(staged.parts) == 1 and staged.parts[0].recorded == str(staged.parts[0].ledger.parent)
+
+
+def _move_into_place(src: Path, dst: Path) -> Path:
+    try:
+        with src.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(src, dst)
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write the report: {e.strerror or e}") from e
+    return dst
+
+
+def _write(path: Path, data: bytes) -> Path:
+    report_files.write_file(path, data)
+    return path
+
+
+def _split(values: Sequence[str] | str) -> list[str]:
+    """``("job", "model")``, ``["job,model"]`` and ``"job,model"`` all mean the same (CLI flags)."""
+    items = [values] if isinstance(values, str) else list(values)
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _check_keys(by: Sequence[str]) -> list[str]:
+    keys = _split(by)
+    unknown = [k for k in keys if k not in REPORT_KEYS]
+    if unknown:
+        raise InputError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(REPORT_KEYS)}")
+    return list(dict.fromkeys(keys))
+
+
+def _check_formats(formats: Sequence[str]) -> set[str]:
+    kinds = set(_split(formats))
+    if "all" in kinds:
+        return set(REPORT_FORMATS)
+    unknown = sorted(kinds - set(REPORT_FORMATS))
+    if unknown or not kinds:
+        raise InputError(f"unknown report format {', '.join(unknown) or '(none)'}; choose from csv, parquet, html, all")
+    return kinds
