@@ -157,7 +157,8 @@ def export(
             raise InputError(
                 f"{out}: the run file does not name the run's inputs; pass --inputs FILE... (the prompt files it read)"
             )
-        model = default_model or next((r.default_model for r in runs if r.default_model), None)
+        # The ledger names each answer's model; this only keeps lines without one from failing.
+        model = default_model or next((r.default_model for r in runs if r.default_model), None) or "unknown"
         records = jobs.iter_records(paths, default_model=model)
     if chat_defaults is None:
         chat_defaults = next((r.chat_defaults for r in runs if r.chat_defaults), {})
