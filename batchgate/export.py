@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
 import os
 import shutil
@@ -26,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import pyarrow as pa
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from . import jobs
@@ -88,6 +90,7 @@ PARQUET_SCHEMA = pa.schema(
         ("meta", pa.string()),  # JSON text of the source row's meta columns
     ]
 )
+_JSON_PARSE = pj.ParseOptions(explicit_schema=PARQUET_SCHEMA, unexpected_field_behavior="error")
 
 
 @dataclass(slots=True)
@@ -222,24 +225,22 @@ class _LedgerIndex:
                 locs.append(n << 48 | offset)
                 lengths.append(len(line))
                 oks.append(status == "ok")
-        keys = np.frombuffer(bytes(digests), dtype=np.uint64).reshape(-1, 2)
-        del digests
-        hi, lo = keys[:, 0], keys[:, 1]
-        sample_arr = np.frombuffer(samples, dtype=np.int64)
-        ok_arr = np.frombuffer(oks, dtype=np.int8)
-        seq = np.arange(len(hi), dtype=np.int64)
-        order = np.lexsort((seq, ok_arr, sample_arr, lo, hi))  # last key sorts first
-        del seq
-        hi, lo, sample_arr, ok_arr = hi[order], lo[order], sample_arr[order], ok_arr[order]
+        keys = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)  # a view: no copy
+        # One key for (sample, ok): ok rows sort after failed ones of the same sample.
+        rank = np.frombuffer(samples, dtype=np.int64) * 2 + np.frombuffer(oks, dtype=np.int8)
+        del samples, oks
+        # lexsort is stable, so among equal keys the last row in ledger order sorts last.
+        order = np.lexsort((rank, keys[:, 1], keys[:, 0]))
+        hi, lo, rank = keys[order, 0], keys[order, 1], rank[order]
+        del keys
         last = np.ones(len(hi), dtype=bool)
         if len(hi) > 1:
-            last[:-1] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1]) | (sample_arr[1:] != sample_arr[:-1])
+            last[:-1] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1]) | (rank[1:] >> 1 != rank[:-1] >> 1)
         self.hi: npt.NDArray[np.uint64] = hi[last]
         self.lo: npt.NDArray[np.uint64] = lo[last]
-        self.sample: npt.NDArray[np.int64] = sample_arr[last]
-        self.ok: npt.NDArray[np.int8] = ok_arr[last]
+        self.ok: npt.NDArray[np.bool_] = (rank[last] & 1).astype(bool)
         kept = order[last]
-        del order, keys
+        del order, hi, lo, rank, last
         self.loc: npt.NDArray[np.uint64] = np.frombuffer(locs, dtype=np.uint64)[kept]
         self.length: npt.NDArray[np.uint32] = np.frombuffer(lengths, dtype=np.uint32)[kept]
         self.used = np.zeros(len(self.hi), dtype=bool)
@@ -572,9 +573,19 @@ def _write_parquet(path: Path, rows: Iterable[dict[str, Any]], limit: int | None
             batch = list(itertools.islice(it, take)) if take > 0 else []
             if not batch:
                 break
-            writer.write_table(pa.Table.from_pylist(batch, schema=PARQUET_SCHEMA))
+            writer.write_table(_to_table(batch))
             n += len(batch)
     return n
+
+
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows to a table of :data:`PARQUET_SCHEMA` through Arrow's JSON reader (twice as fast as from_pylist)."""
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    return pj.read_json(
+        io.BytesIO(data),
+        read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
+        parse_options=_JSON_PARSE,
+    )
 
 
 def _write_hf(target: Path, rows: Iterable[dict[str, Any]], result: ExportResult, shard_rows: int) -> None:
