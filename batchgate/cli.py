@@ -581,6 +581,7 @@ def export_command(
     run's inputs. Written to a temporary name and renamed, so PATH is never half written.
     """
     from .export import export
+    from .status import is_shard_dir
 
     result = export(
         out_dir,
@@ -604,7 +605,7 @@ def export_command(
     click.echo(f"wrote {result.rows:,} rows ({fmt}, ${result.total_cost_usd:.6f}) to {result.path}")
     if left_out:
         click.echo("left out: " + "; ".join(left_out))
-    if result.prompts_without_rows:
+    if result.prompts_without_rows and not is_shard_dir(out_dir):  # a shard has only its share
         click.echo(f"{result.prompts_without_rows:,} prompts of the inputs have no row in this directory")
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "Status",
     "find_output_dirs",
     "format_status",
+    "is_shard_dir",
     "lock_holder",
     "read_run_file",
     "status",
@@ -53,15 +54,22 @@ def find_output_dirs(out: str | Path) -> list[Path]:
     path = Path(out)
     if not path.is_dir():
         raise InputError(f"{out}: no such directory")
-    if _is_output_dir(path):
+    if (path / LEDGER_NAME).exists():
         return [path]
     shards = sorted(
         (p for p in path.iterdir() if p.is_dir() and _SHARD_DIR.match(p.name)),
         key=lambda p: tuple(int(x) for x in _SHARD_DIR.match(p.name).groups()),  # type: ignore[union-attr]
     )
-    if not shards:
-        raise InputError(f"{out}: not a batchgate output directory (no {LEDGER_NAME}, run file or shard-K-of-N/)")
-    return shards
+    if shards:
+        return shards
+    if _is_output_dir(path):
+        return [path]  # a run that has not written its first row yet
+    raise InputError(f"{out}: not a batchgate output directory (no {LEDGER_NAME}, run file or shard-K-of-N/)")
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    """Whether ``path`` is one ``shard-K-of-N/`` directory of a sharded run."""
+    return bool(_SHARD_DIR.match(Path(path).name))
 
 
 def _is_output_dir(path: Path) -> bool:
@@ -86,6 +94,7 @@ class RunFile:
     chat_defaults: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None
     jobs: list[str] | None = None
+    input_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for iter_records
     total: int | None = None  # rows the run set out to write (prompts x samples), when known
     run_id: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +135,7 @@ def _run_file(path: Path, data: dict[str, Any]) -> RunFile:
         chat_defaults=dict(pick("chat_defaults") or {}),
         system_prompt=pick("system_prompt"),
         jobs=pick("jobs"),
+        input_options=_obj(pick("input_options")),
         total=total if isinstance(total, int) and not isinstance(total, bool) else None,
         run_id=data.get("run_id") or summary.get("run_id"),
         summary=summary,

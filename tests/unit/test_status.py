@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ledger_rows import v1_row, v2_row, write_ledger
 
 from batchgate.errors import InputError
@@ -150,3 +152,52 @@ def test_an_output_directory_before_its_first_row(tmp_path: Path) -> None:
     (tmp_path / "out" / "run.json").write_bytes(orjson.dumps({"total": 5}))
     st = status(tmp_path / "out")
     assert (st.done, st.total, st.rows) == (0, 5, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(0, 1), st.sampled_from(["ok", "timeout", "server_error"])),
+        max_size=40,
+    ),
+    shards=st.integers(1, 3),
+)
+def test_counts_match_a_naive_replay(tmp_path_factory: Any, events: Any, shards: int) -> None:
+    """Whatever the order of failures and answers, and however the keys fall into shards."""
+    tmp = tmp_path_factory.mktemp("prop")
+    rows: dict[int, list[dict[str, Any]]] = {k: [] for k in range(shards)}
+    latest: dict[tuple[str, int], str] = {}
+    for n, (p, s, outcome) in enumerate(events):
+        rid = f"id-{p}"
+        ok = outcome == "ok"
+        err = None if ok else {"type": outcome, "status": None, "message": f"m{n}"}
+        rows[p % shards].append(v2_row(rid, s, "ok" if ok else "failed", error=err))
+        if ok or latest.get((rid, s)) != "ok":
+            latest[(rid, s)] = outcome
+    if shards == 1:
+        out = write_ledger(tmp / "out", rows[0])
+    else:
+        out = tmp / "out"
+        for k in range(shards):
+            write_ledger(out / f"shard-{k}-of-{shards}", rows[k])
+    st_ = status(out)
+    causes: dict[str, int] = {}
+    for outcome in latest.values():
+        if outcome != "ok":
+            causes[outcome] = causes.get(outcome, 0) + 1
+    assert st_.done == sum(v == "ok" for v in latest.values())
+    assert st_.failed == sum(causes.values()) and st_.failures_by_cause == causes
+    assert st_.rows == len(events)
+
+
+def test_a_parent_with_its_own_run_file_still_sums_its_shards(tmp_path: Path) -> None:
+    from batchgate.status import find_output_dirs, is_shard_dir
+
+    out = tmp_path / "out"
+    for k in range(2):
+        write_ledger(out / f"shard-{k}-of-2", [v2_row(f"p{k}")])
+    (out / "run.json").write_bytes(b"{}")
+    dirs = find_output_dirs(out)
+    assert [d.name for d in dirs] == ["shard-0-of-2", "shard-1-of-2"] and all(map(is_shard_dir, dirs))
+    assert status(out).done == 2
+    assert find_output_dirs(dirs[0]) == [dirs[0]]
