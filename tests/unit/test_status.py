@@ -201,3 +201,19 @@ def test_a_parent_with_its_own_run_file_still_sums_its_shards(tmp_path: Path) ->
     assert [d.name for d in dirs] == ["shard-0-of-2", "shard-1-of-2"] and all(map(is_shard_dir, dirs))
     assert status(out).done == 2
     assert find_output_dirs(dirs[0]) == [dirs[0]]
+
+
+def test_eta_while_a_run_holds_the_lock(tmp_path: Path) -> None:
+    rows = [v2_row(f"p{i}", run_id="r1", started_at=at(i / 2), latency_s=0.0) for i in range(11)]
+    out = write_ledger(tmp_path / "out", rows)
+    (out / "runs").mkdir()
+    (out / "runs" / "r1.json").write_bytes(orjson.dumps({"run_id": "r1", "config": {}, "total": 31}))
+    lock = lock_output_dir(out)
+    try:
+        st = status(out)
+    finally:
+        lock.release()
+    assert st.running and st.rate_per_s == pytest.approx(2.2)  # 11 rows in 5 s
+    assert st.eta_s == pytest.approx(20 / 2.2)
+    assert "ETA 9s" in format_status(st)
+    assert status(out).eta_s is None  # finished (or stopped): no ETA
