@@ -94,6 +94,17 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--model", "default_model", help="Model for lines that name none."),
         click.option(
+            "--template",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Jinja2 template file: INPUTS are tables (CSV, TSV, Parquet, JSONL) rendered row by row.",
+        ),
+        click.option(
+            "--prompt", "prompt_text", metavar="TEXT", help='Inline template instead, e.g. "Summarise: {{ text }}".'
+        ),
+        click.option("--system-template", metavar="TEXT", help="Jinja2 template of a system message for each row."),
+        click.option("--id-column", metavar="NAME", help="Column holding each row's id [default: from its content]."),
+        click.option("--strict", is_flag=True, help="Unknown chat parameters are errors, not warnings."),
+        click.option(
             "--base-url",
             envvar=BASE_URL_ENV,
             default=DEFAULT_BASE_URL,
@@ -107,7 +118,57 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--concurrency", "-c", type=click.IntRange(1, 10000), default=16, show_default=True),
         click.option("--max-attempts", type=click.IntRange(1, 100), default=5, show_default=True),
-        click.option("--max-cost", type=click.FloatRange(0, min_open=True), help="Stop before spending more USD."),
+        click.option(
+            "--max-cost-usd",
+            "--max-cost",
+            "max_cost",
+            type=click.FloatRange(0, min_open=True),
+            help="Never spend more USD in this invocation (job file: max_cost_usd).",
+        ),
+        click.option(
+            "--json-schema",
+            "json_schema",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Every answer must be JSON matching this JSON Schema file (sent as response_format).",
+        ),
+        click.option(
+            "--json-mode",
+            type=click.Choice(["json_schema", "json_object"]),
+            default="json_schema",
+            show_default=True,
+            help="response_format to send with --json-schema (json_object for models without json_schema).",
+        ),
+        click.option(
+            "--reask",
+            type=click.IntRange(0, 10),
+            default=0,
+            show_default=True,
+            help="Re-ask (a paid request each) up to N times when an answer does not match --json-schema.",
+        ),
+        click.option(
+            "--on-length",
+            type=click.Choice(["keep", "fail", "reask"]),
+            default="keep",
+            show_default=True,
+            help="An answer cut at max_tokens: keep it, count it failed, or re-ask (with --reask N).",
+        ),
+        click.option(
+            "--samples",
+            type=click.IntRange(1, 1000),
+            default=1,
+            show_default=True,
+            help="Independent answers per prompt, each its own ledger row (id, sample).",
+        ),
+        click.option(
+            "--shard",
+            metavar="K/N",
+            help="Run only shard K of N (by id hash; 1-based); output goes to OUT/shard-K-of-N.",
+        ),
+        click.option(
+            "--shards",
+            type=click.IntRange(1, 10000),
+            help="N shards, K from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) + 1.",
+        ),
         click.option("--rpm", type=click.FloatRange(0, min_open=True), help="Cap on requests started per minute."),
         click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True),
         click.option(
@@ -182,10 +243,23 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         if opts["out_dir"] is None and spec.out is not None:
             opts["out_dir"] = spec.out
         inputs, job_name, chat = spec.inputs, spec.name, spec.chat
+        if opts.get("strict") and spec.warnings:
+            raise InputError("\n".join(w + " (--strict)" for w in spec.warnings))
+        for warning in spec.warnings:
+            click.echo(f"batchgate: warning: {warning}", err=True)
+    if opts.get("template") is not None and opts.get("prompt_text") is not None:
+        raise InputError("give either --template FILE or --prompt TEXT, not both")
+    template = opts.get("template") if opts.get("template") is not None else opts.get("prompt_text")
     out_dir: Path = opts["out_dir"] or Path("reports") / (job_name or inputs[0].stem)
+    shard = _shard(opts.get("shard"), opts.get("shards"))
+    if shard is not None:
+        out_dir = out_dir / f"shard-{shard[0]}-of-{shard[1]}"
     if opts.get("fresh") and (out_dir / LEDGER_NAME).exists():
         out_dir = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"])
+    key_warnings: list[str] = []
+    api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"], warn=key_warnings)
+    for warning in key_warnings:
+        click.echo(f"batchgate: warning: {warning}", err=True)
     config = RunConfig(
         out_dir=out_dir,
         api_key=api_key,
@@ -202,8 +276,54 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         jobs=[job_name] * len(inputs) if job_name else None,
         chat_defaults=chat,
         system_prompt=system,
+        samples=opts.get("samples") or 1,
+        shard=shard,
+        template=template,
+        system_template=opts.get("system_template"),
+        id_column=opts.get("id_column"),
+        strict=bool(opts.get("strict")),
+        json_schema=_read_schema(opts.get("json_schema")),
+        json_mode=opts.get("json_mode") or "json_schema",
+        reask=opts.get("reask") or 0,
+        on_length=opts.get("on_length") or "keep",
     )
     return inputs, config, opts
+
+
+def _read_schema(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        schema = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the JSON Schema ({exc.strerror or exc})") from None
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InputError(f"{path}: a JSON Schema must be an object")
+    from .structured import AnswerSchema
+
+    AnswerSchema(schema, source=str(path))  # a bad schema is exit 2 before anything is sent
+    return schema
+
+
+def _shard(spec: str | None, shards: int | None) -> tuple[int, int] | None:
+    """``--shard K/N``, or ``--shards N`` with K from $JOB_COMPLETION_INDEX (0-based there)."""
+    if spec is not None and shards is not None:
+        raise InputError("give --shard K/N or --shards N, not both")
+    if shards is not None:
+        index = os.environ.get("JOB_COMPLETION_INDEX")
+        if index is None or not index.isdigit():
+            raise InputError(
+                "--shards N takes its shard from $JOB_COMPLETION_INDEX, which is not set (use --shard K/N)"
+            )
+        spec = f"{int(index) + 1}/{shards}"
+    if spec is None:
+        return None
+    k_text, _, n_text = spec.partition("/")
+    if not (k_text.isdigit() and n_text.isdigit()) or not 1 <= int(k_text) <= int(n_text):
+        raise InputError(f"--shard {spec}: expected K/N with 1 <= K <= N, e.g. --shard 2/3")
+    return int(k_text), int(n_text)
 
 
 @main.command()
@@ -224,6 +344,8 @@ def run(ctx: click.Context, **opts: Any) -> None:
     _tune_gc()
     runner = Runner(inputs, config)
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
+    for notice in runner.notices:
+        log.error(notice)
     log.summary(summary, runner.stop_message)
     if not opts["no_report"]:
         _write_reports(config.out_dir, opts["quiet"])
@@ -235,15 +357,56 @@ def run(ctx: click.Context, **opts: Any) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "default_model", help="Model for lines that name none.")
+@click.option(
+    "--template",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Jinja2 template file: INPUTS are tables (CSV, TSV, Parquet, JSONL) rendered row by row.",
+)
+@click.option("--prompt", "prompt_text", metavar="TEXT", help='Inline template instead, e.g. "Summarise: {{ text }}".')
+@click.option("--system-template", metavar="TEXT", help="Jinja2 template of a system message for each row.")
+@click.option("--id-column", metavar="NAME", help="Column holding each row's id [default: an id from its content].")
+@click.option("--strict", is_flag=True, help="Unknown chat parameters are errors, not warnings.")
 @_guard
-def validate(inputs: tuple[Path, ...], default_model: str | None) -> None:
-    """Check prompt files (or a job file's) without sending anything, as `run` does first."""
+def validate(
+    inputs: tuple[Path, ...],
+    default_model: str | None,
+    template: Path | None,
+    prompt_text: str | None,
+    system_template: str | None,
+    id_column: str | None,
+    strict: bool,
+) -> None:
+    """Check prompt files, tables (or a job file's) without sending anything, as `run` does first.
+
+    Use - for standard input; .gz, .zst and .bz2 files are read as they are.
+    """
+    if template is not None and prompt_text is not None:
+        raise InputError("give either --template FILE or --prompt TEXT, not both")
     paths = list(inputs)
+    user_template: str | Path | None = template if template is not None else prompt_text
+    system: str | Path | None = system_template
     if len(paths) == 1 and paths[0].suffix == ".toml":
         spec = load_job(paths[0])
         paths = spec.inputs
         default_model = default_model or spec.settings.get("default_model")
-    report = jobs.validate(paths, default_model=default_model)
+        if user_template is None:
+            user_template = spec.settings.get("template")
+        system = system if system is not None else spec.settings.get("system_template")
+        id_column = id_column or spec.settings.get("id_column")
+        if strict and spec.warnings:
+            raise InputError("\n".join(w + " (--strict)" for w in spec.warnings))
+        for warning in spec.warnings:
+            click.echo(f"batchgate: warning: {warning}", err=True)
+    report = jobs.validate(
+        paths,
+        default_model=default_model,
+        template=user_template,
+        system_template=system,
+        id_column=id_column,
+        strict=strict,
+    )
+    if report.warnings:
+        click.echo("\n".join(f"batchgate: warning: {w}" for w in report.warnings), err=True)
     if not report.ok():
         raise InputError(report.format())
     click.echo(f"{report.records:,} prompts, {report.prompt_chars:,} prompt characters: ready to run")
@@ -475,6 +638,24 @@ class _Log:
             if s.unconfirmed_unpriced_tokens:
                 extra += f"; {s.unconfirmed_unpriced_tokens} tokens not priced"
             lines.append(extra + ")")
+        if s.possibly_billed_attempts:
+            unpriced = f", {s.possibly_billed_unpriced} not priced" if s.possibly_billed_unpriced else ""
+            lines.append(
+                f"  possibly billed  up to ${s.possibly_billed_usd:.6f} for {s.possibly_billed_attempts} attempt(s)"
+                f" in flight when a run of this directory died{unpriced}"
+            )
+        if s.stale:
+            lines.append(
+                f"  changed   {s.stale} answered prompt(s) changed since (prompt, model or defaults): asked again"
+            )
+        if s.warnings:
+            odd = ", ".join(f"{k} {v}" for k, v in sorted(s.warnings.items()))
+            lines.append(f"  warnings  {odd} (answers kept; see the ledger's warnings column)")
+        if s.invalid or s.reasks or s.length_cut:
+            lines.append(
+                f"  answers   {s.invalid} not matching the schema (kept, valid: false), {s.reasks} re-asks "
+                f"(${s.reask_cost_usd:.6f}, in the cost above), {s.length_cut} cut at max_tokens"
+            )
         if s.failures_by_cause:
             causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
             lines.append(f"  failures  {causes}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "load_api_key"]
+__all__ = ["DEFAULT_BASE_URL", "KEY_ENV", "RunConfig", "input_options", "load_api_key", "public_settings"]
 
 DEFAULT_BASE_URL = "https://api.gonkagate.com/v1"
 KEY_ENV = "GONKAGATE_API_KEY"
@@ -36,24 +36,68 @@ class RunConfig:
     jobs: list[str] | None = None  # job name per input (default: each file's stem)
     chat_defaults: dict[str, Any] = field(default_factory=dict)  # merged under every line's own parameters
     system_prompt: str | None = None  # prepended to messages that have no system message
+    template: str | Path | None = None  # Jinja2 text (str) or file (Path): INPUTS are tables rendered per row
+    system_template: str | Path | None = None
+    id_column: str | None = None  # the table column holding each row's id (else one from its content)
+    strict: bool = False  # unknown chat parameters are errors, not warnings
+    samples: int = 1  # independent answers per prompt, each its own row keyed by (id, sample)
+    shard: tuple[int, int] | None = None  # (k, n): run only the ids whose hash falls in shard k of n (1-based k)
+    default_max_tokens: int = 4096  # what the API assumes when a request names none (GonkaGate's default)
+    json_schema: dict[str, Any] | None = None  # every answer must be JSON matching this schema
+    json_mode: str = "json_schema"  # response_format sent: json_schema, or json_object where unsupported
+    reask: int = 0  # re-asks (each a paid request) after an answer that does not match the schema
+    on_length: str = "keep"  # an answer cut at max_tokens: keep | fail | reask
+    check_models: bool = True  # GET /models before the first paid request; unknown models stop the run
 
 
-def load_api_key(key_file: str | Path | None = None) -> str:
+def load_api_key(key_file: str | Path | None = None, *, warn: list[str] | None = None) -> str:
     """The key from ``--api-key-file`` or ``$GONKAGATE_API_KEY``; never from argv.
 
-    Raises InputError (never echoing the key) when neither gives one.
+    A key file may end in whitespace or start with a BOM (editors add both); a file with more
+    than one non-empty line is refused (it is not a key file).  ``warn`` collects a warning when
+    the file is readable by other users.  Raises InputError, never echoing the key.
     """
     if key_file is not None:
+        path = Path(key_file)
         try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
+            text = path.read_bytes().decode("utf-8-sig", "replace")
+            mode = path.stat().st_mode
         except OSError as exc:
             raise InputError(f"{key_file}: cannot read API key file ({exc.strerror or exc})") from None
-        if not key:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
             raise InputError(f"{key_file}: API key file is empty")
-        return key
-    key = os.environ.get(KEY_ENV, "").strip()
+        if len(lines) > 1:
+            raise InputError(f"{key_file}: API key file has {len(lines)} non-empty lines; it must hold only the key")
+        if warn is not None and mode & 0o044:
+            warn.append(f"{key_file} is readable by other users; chmod 600 it")
+        return lines[0]
+    key = os.environ.get(KEY_ENV, "").strip().lstrip("\ufeff")
     if not key:
         raise InputError(
             f"no API key: set {KEY_ENV} or pass --api-key-file PATH (or use --simulate to try without one)"
         )
     return key
+
+
+def public_settings(config: RunConfig) -> dict[str, Any]:
+    """The effective settings of a run, for its run file and start log line: everything but the key."""
+    out: dict[str, Any] = {}
+    for name in config.__dataclass_fields__:
+        if name == "api_key":
+            continue
+        value = getattr(config, name)
+        out[name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def input_options(config: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of ``jobs.validate`` / ``jobs.iter_records`` a run's config implies."""
+    return {
+        "default_model": config.default_model,
+        "jobs": config.jobs,
+        "template": config.template,
+        "system_template": config.system_template,
+        "id_column": config.id_column,
+        "strict": config.strict,
+    }

@@ -150,3 +150,9 @@ class InsufficientBalance(FatalApiError):
 
 class BadRequest(FatalApiError):
     kind = "bad_request"
+
+
+class LengthCut(FatalApiError):
+    """An answer cut at ``max_tokens`` that the run was told to count as failed (``--on-length fail``)."""
+
+    kind = "length"

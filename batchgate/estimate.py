@@ -52,7 +52,7 @@ import numpy.typing as npt
 import orjson
 
 from . import jobs
-from .config import RunConfig
+from .config import RunConfig, input_options
 from .errors import InputError
 from .ledger import LEDGER_NAME, write_atomic
 from .models import PromptRecord, RunSummary
@@ -853,7 +853,7 @@ def draw_sample(inputs: Sequence[str | Path], config: RunConfig, *, sample: int,
             f"--sample {sample}: an estimate needs at least one sampled prompt to run and project from; "
             "try --sample 200"
         )
-    report = jobs.validate(inputs, default_model=config.default_model, jobs=config.jobs)
+    report = jobs.validate(inputs, **input_options(config))
     if not report.ok():
         raise InputError(report.format())
     if report.records == 0:
@@ -861,7 +861,7 @@ def draw_sample(inputs: Sequence[str | Path], config: RunConfig, *, sample: int,
     population = Population()
 
     def tally() -> Iterator[PromptRecord]:
-        for record in jobs.iter_records(inputs, default_model=config.default_model, jobs=config.jobs):
+        for record in jobs.iter_records(inputs, **input_options(config)):
             population.add_record(record)
             yield record
 

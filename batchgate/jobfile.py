@@ -2,7 +2,14 @@
 
 Prompt paths are relative to the job file, so a job and its prompts move together; ``out`` is
 relative to the directory batchgate runs in, like ``--out``.  Unknown keys are errors: a typo in
-``max_cost_usd`` must not silently run without a budget.
+``max_cost_usd`` must not silently run without a budget.  Unknown ``[chat]`` parameters are
+warnings (``JobSpec.warnings``, with the nearest known name): GonkaGate may accept more than it
+documents.
+
+Prompts from tables: ``template`` (the Jinja2 text) or ``template_file`` (a path relative to the
+job file), the same pair for the system message (``system_template`` / ``system_template_file``),
+and ``id_column``.  In ``settings`` a template is a ``str`` (its text) or a ``Path`` (its file),
+the form ``batchgate.jobs.validate`` takes.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JobFileError
+from .jobs import CHAT_PARAMETERS, unknown_parameter
 
 __all__ = ["JobSpec", "load_job"]
 
@@ -28,8 +36,12 @@ _SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
     "idle_timeout_s": ((int, float), "idle_timeout"),
     "grace_s": ((int, float), "grace"),
     "system": ((str,), "system_prompt"),
+    "template": ((str,), "template"),
+    "system_template": ((str,), "system_template"),
+    "id_column": ((str,), "id_column"),
 }
-_KNOWN = {"name", "inputs", "out", "chat", *_SCALARS}
+_TEMPLATE_FILES = {"template_file": "template", "system_template_file": "system_template"}
+_KNOWN = {"name", "inputs", "out", "chat", *_SCALARS, *_TEMPLATE_FILES}
 
 
 @dataclass
@@ -42,6 +54,7 @@ class JobSpec:
     out: Path | None = None
     chat: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # "path: chat.key: ..." for unknown chat parameters
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -79,6 +92,7 @@ def load_job(path: str | Path) -> JobSpec:
         raise bad("chat", "sets chat parameters such as temperature or max_tokens; not stream, messages or model")
     if "max_tokens" in chat and (not isinstance(chat["max_tokens"], int) or chat["max_tokens"] < 1):
         raise bad("chat.max_tokens", "must be a positive integer")
+    warnings = [f"{path}: chat.{key}: {unknown_parameter(key)}" for key in chat if key not in CHAT_PARAMETERS]
     settings: dict[str, Any] = {}
     for key, (types, option) in _SCALARS.items():
         if key not in data:
@@ -88,7 +102,22 @@ def load_job(path: str | Path) -> JobSpec:
             raise bad(key, f"must be {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}")
         if isinstance(value, int | float) and value <= 0:
             raise bad(key, "must be positive")
+        if isinstance(value, str) and not value.strip() and key in ("template", "system_template", "id_column"):
+            raise bad(key, "must not be empty")
         settings[option] = value
+    for key, option in _TEMPLATE_FILES.items():
+        if key not in data:
+            continue
+        if option in settings:
+            raise bad(key, f"give either {option} (the text) or {key} (its file), not both")
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            raise bad(key, "must be a template file path (relative to the job file)")
+        settings[option] = path.parent / value
+    if "template" not in settings:
+        for key in ("system_template", "id_column"):
+            if key in settings:
+                raise bad(key, "goes with template or template_file (prompts from tables)")
     return JobSpec(
         path=path,
         name=name,
@@ -96,4 +125,5 @@ def load_job(path: str | Path) -> JobSpec:
         out=Path(out) if out else None,
         chat=dict(chat),
         settings=settings,
+        warnings=warnings,
     )

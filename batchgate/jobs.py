@@ -1,6 +1,6 @@
-"""Read and validate JSONL prompt files lazily; every problem names ``path:line``.
+"""Read and validate prompt inputs lazily; every problem names ``path:line`` (or ``path:row``).
 
-Three line shapes are accepted, one JSON object per line:
+Three line shapes are accepted in a JSONL prompt file, one JSON object per line:
 
 * ``{"id": "q1", "prompt": "text", "system": "...", "max_tokens": 64}``: the prompt becomes one
   user message (after an optional system message); other keys pass through as chat parameters.
@@ -8,21 +8,40 @@ Three line shapes are accepted, one JSON object per line:
 * ``{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``: an
   OpenAI Batch API line; the body is the request.
 
+With a ``template``, every input is a table instead (CSV, TSV, Parquet, or JSONL rows of any
+columns): ``batchgate.tables`` renders each row into the user message.
+
 A line without an id gets ``"h-"`` plus 16 hex digits of the SHA-256 of its canonical JSON, so a
 rerun of the same file finds the same ids.  ``stream`` and ``stream_options`` are dropped: the
 client sets them.  Validation streams: memory grows by 8 bytes per line (a 64-bit hash of each
 id), never by the lines themselves.
+
+Inputs a shell user has: ``-`` (standard input) and pipes are copied once to a private temporary
+file (removed at exit), since validation and the run each read the input; gzip, zstd and bzip2
+files are recognised by their first bytes and read streaming; any other binary file is refused
+with one message instead of an error per line.
 """
 
 from __future__ import annotations
 
+import atexit
+import bz2
+import codecs
+import difflib
+import gzip
 import hashlib
+import io
 import os
+import shutil
+import stat
+import tempfile
+import zlib
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -31,15 +50,45 @@ from batchgate.errors import InputError
 from batchgate.models import PromptRecord
 
 __all__ = [
+    "CHAT_PARAMETERS",
+    "ROLES",
     "InputProblem",
     "ValidationReport",
     "iter_records",
     "parse_line",
+    "unknown_parameter",
     "validate",
 ]
 
 NO_MODEL = 'no model: set "model" on the line or pass --model'
 
+#: The chat parameters GonkaGate documents (../shared/docs/gonkagate-api.md, "Request"), plus
+#: ``max_completion_tokens`` and ``n``, OpenAI names batchgate itself reads (budgets, choices).
+CHAT_PARAMETERS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "max_completion_tokens",
+        "n",
+    }
+)
+#: Message roles the chat format knows; anything else is refused before it costs a 400 per line.
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+_LINE_KEYS = ("id", "prompt", "system", "job", "meta")  # read by batchgate, never sent
 _BOM = b"\xef\xbb\xbf"
 _BATCH_KEYS = ("custom_id", "method", "url", "body")
 _MISSING: Any = object()
@@ -52,32 +101,44 @@ _JSON_TYPES = {
     bool: "a boolean",
     type(None): "null",
 }
+_SNIFF_BYTES = 8192
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
+_COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".zst", ".zstd")
+_PARQUET_MAGIC = b"PAR1"
+_TABLE_KINDS = {"csv": "a CSV table", "tsv": "a TSV table", "parquet": "a Parquet table"}
 
-# id, resolved model, request body, prompt_chars, whether the id was derived from the content
-_Parsed = tuple[str, str, dict[str, Any], int, bool]
-_Input = tuple[str, str]  # path as given, job name
+# id, resolved model, request body, prompt_chars, id derived from the content, unknown parameters, meta
+_Parsed = tuple[str, str, dict[str, Any], int, bool, tuple[str, ...], dict[str, Any] | None]
 
 
 @dataclass(frozen=True, slots=True)
 class InputProblem:
-    """One thing wrong with one input line, printed as ``path:line: message``."""
+    """One thing wrong with one input line (or row), printed as ``path:line: message``.
+
+    ``line`` 0 is the whole input: printed as ``path: message``.
+    """
 
     path: str
     line: int
     message: str
 
     def __str__(self) -> str:
+        if self.line == 0:
+            return f"{self.path}: {self.message}"
         return f"{self.path}:{self.line}: {self.message}"
 
 
 @dataclass
 class ValidationReport:
-    """The outcome of the validation pass: kept problems, their total, and what is valid."""
+    """The outcome of the validation pass: kept problems, their total, what is valid, and warnings."""
 
     problems: list[InputProblem] = field(default_factory=list)  # the first `keep`, in input order
     problem_count: int = 0
     records: int = 0  # valid lines, a duplicate id counting once
     prompt_chars: int = 0  # over those records, for cost estimates
+    # Things sent as written that are probably mistakes (an unknown chat parameter): one per kind,
+    # at its first place, "(and N more lines)" after it.  ``strict=True`` makes them problems.
+    warnings: list[InputProblem] = field(default_factory=list)
 
     def ok(self) -> bool:
         """True when the run may start: no problem at all."""
@@ -91,43 +152,84 @@ class ValidationReport:
             lines.append(f"... and {more} more problem{'' if more == 1 else 's'}")
         return "\n".join(lines)
 
+    def format_warnings(self) -> str:
+        """The warnings to print, one per line (empty when there are none)."""
+        return "\n".join(f"{w.path}{'' if w.line == 0 else f':{w.line}'}: warning: {w.message}" for w in self.warnings)
+
 
 class _LineProblem(Exception):
     """What is wrong with a line; the caller adds ``path:line``."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One input, resolved: where to read it from, how it is compressed, what it holds."""
+
+    path: str  # as given: what messages name ("-" for standard input)
+    job: str
+    read_path: str  # the file to open: the path itself, or the spool of a pipe
+    compression: str | None  # "gzip" | "bz2" | "zstd" | None
+    kind: str  # "prompts" (JSONL prompt lines) | "jsonl" (a JSONL table) | "csv" | "tsv" | "parquet"
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    default_model: str | None
+    strict: bool = False
+    templates: Any = None  # batchgate.tables.Templates when the inputs are tables
+    tables: Any = None  # the batchgate.tables module then (imported only for tables)
+    id_column: str | None = None
+
+
+Template = str | PathLike[str]
+
+
 def parse_line(raw: bytes, *, path: str, line: int, job: str, default_model: str | None) -> PromptRecord | None:
-    """Turn one raw line into a ready-to-send record.
+    """Turn one raw JSONL prompt line into a ready-to-send record.
 
     Returns None for a blank line.  Raises ``InputError("path:line: ...")`` for a bad one.
     """
     try:
-        parsed = _parse(raw, line == 1, default_model)
+        parsed = _parse(raw, line == 1, _Context(default_model))
     except _LineProblem as exc:
         raise InputError(str(InputProblem(path, line, str(exc)))) from None
     if parsed is None:
         return None
-    rid, model, body, chars, _derived = parsed
-    return PromptRecord(id=rid, job=job, path=path, line=line, model=model, body=body, prompt_chars=chars)
+    return _record(parsed, path, line, job)
+
+
+def _record(parsed: _Parsed, path: str, line: int, job: str) -> PromptRecord:
+    rid, model, body, chars, _derived, _unknown, meta = parsed
+    return PromptRecord(id=rid, job=job, path=path, line=line, model=model, body=body, prompt_chars=chars, meta=meta)
 
 
 def iter_records(
-    paths: Sequence[str | Path], *, default_model: str | None, jobs: Sequence[str] | None = None
+    paths: Sequence[str | Path],
+    *,
+    default_model: str | None,
+    jobs: Sequence[str] | None = None,
+    template: Template | None = None,
+    system_template: Template | None = None,
+    id_column: str | None = None,
+    strict: bool = False,
 ) -> Iterator[PromptRecord]:
     """Yield records lazily in file order, for a run whose input already passed ``validate``.
 
-    ``jobs`` names each path's job (default: the file's stem).  Raises ``InputError`` now for a
-    missing or unreadable path, and during iteration on the first bad line.
+    Takes the same arguments as ``validate``.  Raises ``InputError`` now for a missing or
+    unreadable path (or a bad template), and during iteration on the first bad line or row.
     """
-    return _iter_records(_inputs(paths, jobs), default_model)
+    ctx = _context(default_model, template, system_template, id_column, strict)
+    return _iter_records(_inputs(paths, jobs, ctx), ctx)
 
 
-def _iter_records(inputs: list[_Input], default_model: str | None) -> Iterator[PromptRecord]:
-    for path, job in inputs:
-        for lineno, raw in _read_lines(path):
-            record = parse_line(raw, path=path, line=lineno, job=job, default_model=default_model)
-            if record is not None:
-                yield record
+def _iter_records(inputs: list[_Source], ctx: _Context) -> Iterator[PromptRecord]:
+    for src in inputs:
+        for n, res in _rows(src, ctx):
+            if res is None:
+                continue
+            if isinstance(res, _LineProblem):
+                raise InputError(str(InputProblem(src.path, n, str(res))))
+            yield _record(res, src.path, n, src.job)
 
 
 def validate(
@@ -135,42 +237,121 @@ def validate(
     *,
     default_model: str | None,
     jobs: Sequence[str] | None = None,
+    template: Template | None = None,
+    system_template: Template | None = None,
+    id_column: str | None = None,
+    strict: bool = False,
     keep: int = 20,
 ) -> ValidationReport:
     """Check every line of every input before any request is made, in constant memory per line.
 
-    Duplicate ids across all inputs are problems too.  Returns the report (the first ``keep``
-    problems in input order); raises ``InputError`` only for paths that cannot be read.
+    ``template`` (a str is the Jinja2 text, a path-like its file) makes every input a table whose
+    rows render into the user message, after ``system_template`` when given; ``id_column`` names
+    the column holding each row's id.  ``strict`` turns warnings (unknown chat parameters) into
+    problems.  Duplicate ids across all inputs are problems too, and so are inputs holding no
+    prompt at all.  Returns the report (the first ``keep`` problems in input order); raises
+    ``InputError`` only for paths that cannot be read or used (binary, a table without a template)
+    and for a template that does not compile.
     """
-    inputs = _inputs(paths, jobs)
+    ctx = _context(default_model, template, system_template, id_column, strict)
+    inputs = _inputs(paths, jobs, ctx)
     problems: list[InputProblem] = []
     problem_count = records = prompt_chars = 0
+    unknown: dict[str, list[Any]] = {}  # parameter -> [path, line, count]
+    empty: list[str] = []
     hashes = array("Q")  # 8 bytes per valid line: the only thing that grows with the input
     add_hash = hashes.frombytes
-    for path, _job in inputs:
-        for lineno, raw in _read_lines(path):
-            try:
-                parsed = _parse(raw, lineno == 1, default_model)
-            except _LineProblem as exc:
+    for src in inputs:
+        before = records
+        for n, res in _rows(src, ctx):
+            if res is None:
+                continue
+            if isinstance(res, _LineProblem):
                 problem_count += 1
                 if len(problems) < keep:
-                    problems.append(InputProblem(path, lineno, str(exc)))
+                    problems.append(InputProblem(src.path, n, str(res)))
                 continue
-            if parsed is not None:
-                records += 1
-                prompt_chars += parsed[3]
-                add_hash(_id_digest(parsed[0]))
+            records += 1
+            prompt_chars += res[3]
+            add_hash(_id_digest(res[0]))
+            for key in res[5]:
+                seen = unknown.get(key)
+                if seen is None:
+                    unknown[key] = [src.path, n, 1]
+                else:
+                    seen[2] += 1
+        if records == before:
+            empty.append(src.path)
 
     duplicated = _duplicated_digests(hashes)
     del hashes
     if duplicated:
-        dup_problems, dup_count, dup_chars = _name_duplicates(inputs, duplicated, default_model, keep)
+        dup_problems, dup_count, dup_chars = _name_duplicates(inputs, ctx, duplicated, keep)
         problem_count += dup_count
         records -= dup_count  # the first occurrence stays a record, each repeat is a problem
         prompt_chars -= dup_chars
-        order = {path: i for i, (path, _job) in enumerate(inputs)}
+        order = {src.path: i for i, src in enumerate(inputs)}
         problems = sorted(problems + dup_problems, key=lambda p: (order[p.path], p.line))[:keep]
-    return ValidationReport(problems, problem_count, records, prompt_chars)
+    warnings = [
+        InputProblem(path, line, unknown_parameter(key) + _more_lines(count))
+        for key, (path, line, count) in unknown.items()
+    ]
+    kinds = {src.path: src.kind for src in inputs}
+    if records == 0 and problem_count == 0:
+        for path in empty:
+            problems.append(InputProblem(path, 0, _no_prompts(kinds[path])))
+            problem_count += 1
+        problems = problems[:keep]
+    else:
+        warnings += [InputProblem(path, 0, _no_prompts(kinds[path])) for path in empty if path not in _paths(problems)]
+    return ValidationReport(problems, problem_count, records, prompt_chars, warnings)
+
+
+def _more_lines(count: int) -> str:
+    if count <= 1:
+        return ""
+    return f" (and on {count - 1:,} more line{'s' if count > 2 else ''})"
+
+
+def _paths(problems: list[InputProblem]) -> set[str]:
+    return {p.path for p in problems}
+
+
+def _no_prompts(kind: str) -> str:
+    if kind == "prompts":
+        return "no prompts: the input is empty or holds only blank lines"
+    return "no prompts: the table has no rows"
+
+
+def unknown_parameter(key: str) -> str:
+    """The message for a chat parameter GonkaGate does not document, with the nearest known name."""
+    close = difflib.get_close_matches(key.rpartition(".")[2], sorted(CHAT_PARAMETERS | set(_LINE_KEYS)), n=1)
+    if close:
+        return f"unknown chat parameter {key}: did you mean {close[0]}?"
+    return f"unknown chat parameter {key} (not among GonkaGate's documented parameters; sent as written)"
+
+
+def _context(
+    default_model: str | None,
+    template: Template | None,
+    system_template: Template | None,
+    id_column: str | None,
+    strict: bool,
+) -> _Context:
+    if template is None:
+        if system_template is not None:
+            raise InputError("a system template goes with a template (--template FILE or --prompt TEXT)")
+        if id_column is not None:
+            raise InputError(f"--id-column {id_column} goes with a template (--template FILE or --prompt TEXT)")
+        return _Context(default_model, strict)
+    if not default_model:
+        raise InputError("no model: pass --model (rows of a table carry no model)")
+    if id_column is not None and not id_column:
+        raise InputError("--id-column needs a column name")
+    from . import tables  # Jinja2 and pyarrow only when a table is read
+
+    templates = tables.compile_templates(template, system_template)
+    return _Context(default_model, strict, templates=templates, tables=tables, id_column=id_column)
 
 
 def _id_digest(rid: str) -> bytes:
@@ -189,7 +370,7 @@ def _duplicated_digests(hashes: array[int]) -> set[bytes]:
 
 
 def _name_duplicates(
-    inputs: list[_Input], duplicated: set[bytes], default_model: str | None, keep: int
+    inputs: list[_Source], ctx: _Context, duplicated: set[bytes], keep: int
 ) -> tuple[list[InputProblem], int, int]:
     """Second pass over the inputs: compare real ids whose hashes collided, name both places.
 
@@ -198,56 +379,254 @@ def _name_duplicates(
     first_seen: dict[str, tuple[str, int, bool]] = {}
     problems: list[InputProblem] = []
     count = chars = 0
-    for path, _job in inputs:
-        for lineno, raw in _read_lines(path):
-            try:
-                parsed = _parse(raw, lineno == 1, default_model)
-            except _LineProblem:
-                continue
-            if parsed is None or _id_digest(parsed[0]) not in duplicated:
+    for src in inputs:
+        for n, parsed in _rows(src, ctx):
+            if parsed is None or isinstance(parsed, _LineProblem) or _id_digest(parsed[0]) not in duplicated:
                 continue
             rid, derived = parsed[0], parsed[4]
             seen = first_seen.get(rid)
             if seen is None:
-                first_seen[rid] = (path, lineno, derived)
+                first_seen[rid] = (src.path, n, derived)
                 continue
             count += 1
             chars += parsed[3]
             if len(problems) < keep:
                 message = f'duplicate id "{rid}" (first seen at {seen[0]}:{seen[1]})'
                 if derived and seen[2]:
-                    message += ': the same line without an "id" appears twice; give each line an "id"'
-                problems.append(InputProblem(path, lineno, message))
+                    if src.kind == "prompts":
+                        message += ': the same line without an "id" appears twice; give each line an "id"'
+                    else:
+                        message += ": the same row appears twice; name an id column (--id-column)"
+                problems.append(InputProblem(src.path, n, message))
     return problems, count, chars
 
 
-def _inputs(paths: Sequence[str | Path], jobs: Sequence[str] | None) -> list[_Input]:
-    """Pair each path with its job, failing early on paths that cannot be read."""
+# -- inputs: paths, pipes, compression, formats ---------------------------------------------------
+
+_spooled: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of a pipe -> the file it was copied to
+_spool_dir: list[str] = []
+
+
+def _inputs(paths: Sequence[str | Path], jobs: Sequence[str] | None, ctx: _Context) -> list[_Source]:
+    """Resolve each path (spooling pipes, sniffing compression and format), failing early on unusable ones."""
     if isinstance(paths, str | Path):
         raise TypeError("paths must be a sequence of paths, not one path")
     if jobs is not None and len(jobs) != len(paths):
         raise ValueError(f"{len(jobs)} job names for {len(paths)} paths")
-    inputs: list[_Input] = []
+    inputs: list[_Source] = []
     errors: list[str] = []
     seen: dict[tuple[int, int], str] = {}
     for i, p in enumerate(paths):
         path = os.fspath(p)
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
+            key, read_path = _resolve(path)
         except OSError as exc:
             errors.append(_os_message(path, exc))
             continue
-        key = (st.st_dev, st.st_ino)
         if key in seen:
             # Every line would be a duplicate of itself: say so once instead.
             errors.append(f"{path}: same file as {seen[key]}, given twice")
             continue
         seen[key] = path
-        inputs.append((path, jobs[i] if jobs is not None else Path(path).stem))
+        try:
+            compression, kind = _sniff(path, read_path, ctx.templates is not None)
+        except InputError as exc:
+            errors.append(str(exc))
+            continue
+        except OSError as exc:
+            errors.append(_os_message(path, exc))
+            continue
+        job = jobs[i] if jobs is not None else ("stdin" if path == "-" else _stem(path))
+        inputs.append(_Source(path, job, read_path, compression, kind))
     if errors:
         raise InputError("; ".join(errors))
     return inputs
+
+
+def _uncompressed_name(path: str) -> Path:
+    """The file name less a compression suffix: ``p.csv.gz`` is a CSV, job ``p``."""
+    name = Path(path).name
+    for suffix in _COMPRESSED_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return Path(name[: -len(suffix)])
+    return Path(name)
+
+
+def _stem(path: str) -> str:
+    return _uncompressed_name(path).stem
+
+
+def _resolve(path: str) -> tuple[tuple[int, int], str]:
+    """The input's identity and the file to read: a pipe or ``-`` is copied once to a private file."""
+    if path == "-":
+        try:
+            st = os.fstat(0)
+        except OSError:
+            raise InputError("-: standard input is closed") from None
+        key = (st.st_dev, st.st_ino)
+        return key, _spooled.get(key) or _spool(key, os.dup(0))
+    st = os.stat(path)  # before open(): opening a named FIFO twice would wait for a second writer
+    key = (st.st_dev, st.st_ino)
+    if key in _spooled:
+        return key, _spooled[key]
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(path)
+    with open(path, "rb") as f:  # proves it readable (and blocks for a FIFO's writer, as cat would)
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return key, path
+        return key, _spool(key, os.dup(f.fileno()))
+
+
+def _spool(key: tuple[int, int], fd: int) -> str:
+    """Copy a stream to a file in a private temporary directory removed at exit."""
+    if not _spool_dir:
+        directory = tempfile.mkdtemp(prefix="batchgate-")  # mode 0700: prompts are private
+        atexit.register(shutil.rmtree, directory, True)
+        _spool_dir.append(directory)
+    target = os.path.join(_spool_dir[0], f"input-{len(_spooled)}")
+    with os.fdopen(fd, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    _spooled[key] = target
+    return target
+
+
+def _sniff(path: str, read_path: str, tables: bool) -> tuple[str | None, str]:
+    """Compression (from the first bytes) and kind of an input; raises InputError for unusable ones."""
+    with open(read_path, "rb") as f:
+        magic = f.read(6)
+    compression = next((name for sig, name in _MAGIC.items() if magic.startswith(sig)), None)
+    if compression is None and magic.startswith(b"\xfd7zXZ\x00"):
+        raise InputError(f"{path}: is xz-compressed: decompress it (xz -d) or use gzip, zstd or bzip2")
+    if compression == "zstd" and not _have_zstd():
+        raise InputError(
+            f"{path}: is zstd-compressed, and the zstandard package is not installed: "
+            "pip install 'batchgate[zstd]', or decompress it first (zstd -d)"
+        )
+    name = _uncompressed_name(path).suffix.lower()
+    if magic.startswith(_PARQUET_MAGIC) or name in (".parquet", ".pq"):
+        if compression is not None:
+            raise InputError(f"{path}: a Parquet file inside {compression}: decompress it first")
+        if not tables:
+            raise InputError(_needs_template(path, "parquet"))
+        return None, "parquet"
+    try:
+        with _open(read_path, compression) as f:
+            head = f.read(_SNIFF_BYTES)
+    except _stream_errors():
+        if compression is None:
+            raise
+        head = b""  # corrupt or cut short: reading says so at the line where it breaks
+    reason = _binary_reason(head)
+    if reason:
+        raise InputError(f"{path}: {reason}")
+    if name in (".csv", ".tsv"):
+        kind = name[1:]
+        if not tables:
+            raise InputError(_needs_template(path, kind))
+        return compression, kind
+    if not tables:
+        return compression, "prompts"
+    if name in (".jsonl", ".ndjson", ".json"):
+        return compression, "jsonl"
+    first = head.removeprefix(_BOM).lstrip()[:1]  # "-", a pipe, an odd name: JSONL rows or a CSV?
+    return compression, "jsonl" if first in (b"{", b"") else "csv"
+
+
+
+
+def _needs_template(path: str, kind: str) -> str:
+    return (
+        f"{path}: is {_TABLE_KINDS[kind]}: pass --template FILE or --prompt TEXT "
+        "to render each row into a prompt (Jinja2, the row's columns as variables)"
+    )
+
+
+def _binary_reason(head: bytes) -> str | None:
+    """Why the first bytes are not text (None when they are), so a binary file gets one message."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "looks like UTF-16 text: save it as UTF-8"
+    if head.startswith(b"PK\x03\x04"):
+        return "looks like a binary file (a zip archive, or an .xlsx workbook: save it as CSV)"
+    what = "JSONL or CSV text (optionally .gz, .zst or .bz2) or Parquet"
+    if b"\x00" in head:
+        return f"looks like a binary file (NUL bytes in its first bytes), not {what}"
+    decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(head, final=False)
+    bad = decoded.count("\ufffd") - head.count(b"\xef\xbf\xbd")
+    if bad * 10 > len(head):  # a stray Latin-1 byte is a line's problem; a tenth of them is not text
+        return f"looks like a binary file (its first bytes are not UTF-8), not {what}"
+    return None
+
+
+def _have_zstd() -> bool:
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd stream across frames that raises EOFError when the data is cut short mid-frame."""
+
+    def __init__(self, path: str) -> None:
+        import zstandard
+
+        self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while not self._pending:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd data ended before the end of a frame")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._obj.decompress(chunk)
+                if not self._obj.eof:
+                    break
+                chunk = self._obj.unused_data
+                self._obj = self._dctx.decompressobj()
+                self._in_frame = False
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open(read_path: str, compression: str | None) -> IO[bytes]:
+    """The input's bytes, decompressed as they are read."""
+    if compression is None:
+        return open(read_path, "rb")
+    if compression == "gzip":
+        return gzip.GzipFile(read_path, "rb")  # type: ignore[return-value]  # a BufferedIOBase of bytes
+    if compression == "bz2":
+        return bz2.BZ2File(read_path, "rb")
+    return io.BufferedReader(_ZstdReader(read_path), 1 << 16)
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt or cut-short compressed stream raises."""
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _os_message(path: str, exc: OSError) -> str:
@@ -258,17 +637,89 @@ def _os_message(path: str, exc: OSError) -> str:
     return f"{path}: cannot read: {exc.strerror or exc}"
 
 
-def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Numbered raw lines (from 1); read errors become ``InputError`` naming the path."""
+class _Broken(Exception):
+    """The input stopped being readable after some lines (corrupt compressed data, a read error)."""
+
+
+def _read_lines(src: _Source) -> Iterator[tuple[int, bytes]]:
+    """Numbered raw lines (from 1); a failure mid-way raises ``_Broken`` with what to say."""
+    n = 0
     try:
-        with open(path, "rb") as f:
-            yield from enumerate(f, 1)
-    except OSError as exc:
-        raise InputError(_os_message(path, exc)) from None
+        with _open(src.read_path, src.compression) as f:
+            for n, raw in enumerate(f, 1):
+                yield n, raw
+    except _stream_errors() as exc:
+        if isinstance(exc, OSError) and src.compression is None:
+            raise _Broken(f"cannot read further: {exc.strerror or exc}") from None
+        raise _Broken(f"the {src.compression} data is corrupt or cut short after line {n} ({exc})") from None
 
 
-def _parse(raw: bytes, first: bool, default_model: str | None) -> _Parsed | None:
-    """Validate one line; None when blank.  The hot path of validation: no regexes, no copies."""
+def _rows(src: _Source, ctx: _Context) -> Iterator[tuple[int, _Parsed | _LineProblem | None]]:
+    """Every line or row of one input, parsed or with its problem; 0 is a problem with the whole input."""
+    if src.kind in ("csv", "tsv", "parquet"):
+        yield from _table_rows(src, ctx)
+        return
+    n = 0
+    try:
+        if src.kind == "prompts":
+            for n, raw in _read_lines(src):
+                try:
+                    yield n, _parse(raw, n == 1, ctx)
+                except _LineProblem as exc:
+                    yield n, exc
+        else:
+            for n, raw in _read_lines(src):
+                try:
+                    yield n, _parse_row_line(raw, n == 1, ctx)
+                except _LineProblem as exc:
+                    yield n, exc
+    except _Broken as exc:
+        yield n + 1, _LineProblem(str(exc))
+
+
+def _table_rows(src: _Source, ctx: _Context) -> Iterator[tuple[int, _Parsed | _LineProblem | None]]:
+    from . import tables
+
+    if src.kind == "parquet":
+        rows = tables.parquet_rows(src.read_path, id_column=ctx.id_column)
+    else:
+        delimiter = "\t" if src.kind == "tsv" else ","
+        rows = tables.csv_rows(
+            lambda: _open(src.read_path, src.compression), delimiter=delimiter, id_column=ctx.id_column
+        )
+    try:
+        for n, row in rows:
+            if isinstance(row, tables.RowProblem):
+                yield n, _LineProblem(f"data row {n}: {row}")
+                continue
+            try:
+                yield n, _table_parsed(row, ctx)
+            except tables.RowProblem as exc:
+                yield n, _LineProblem(f"data row {n}: {exc}")
+    except tables.RowProblem as exc:
+        yield 0, _LineProblem(str(exc))
+
+
+def _parse_row_line(raw: bytes, first: bool, ctx: _Context) -> _Parsed | None:
+    """One line of a JSONL table: an object whose keys are the row's columns."""
+    obj = _load_object(raw, first)
+    if obj is None:
+        return None
+    try:
+        return _table_parsed(obj, ctx)
+    except ctx.tables.RowProblem as exc:
+        raise _LineProblem(str(exc)) from None
+
+
+def _table_parsed(row: dict[str, Any], ctx: _Context) -> _Parsed:
+    prompt = ctx.tables.row_prompt(row, ctx.templates, ctx.id_column)
+    model = ctx.default_model or ""
+    body: dict[str, Any] = {"messages": prompt.messages, "model": model}
+    return prompt.id, model, body, prompt.chars, prompt.derived, (), prompt.meta
+
+
+def _load_object(raw: bytes, first: bool) -> dict[str, Any] | None:
+    """One JSON object from a line; None when blank.  The hot path of validation: no regexes, no copies."""
     if first and raw.startswith(_BOM):  # editors on Windows write one
         raw = raw[3:]
     try:
@@ -279,9 +730,17 @@ def _parse(raw: bytes, first: bool, default_model: str | None) -> _Parsed | None
         raise _LineProblem(_json_message(raw, exc)) from None
     if type(obj) is not dict:
         raise _LineProblem(f"expected a JSON object, got {_JSON_TYPES.get(type(obj), 'a value')}")
+    return obj
+
+
+def _parse(raw: bytes, first: bool, ctx: _Context) -> _Parsed | None:
+    """Validate one JSONL prompt line; None when blank."""
+    obj = _load_object(raw, first)
+    if obj is None:
+        return None
     if "custom_id" in obj or "body" in obj:
-        return _parse_batch(obj, default_model)
-    return _parse_chat(obj, default_model)
+        return _parse_batch(obj, ctx)
+    return _parse_chat(obj, ctx)
 
 
 def _json_message(raw: bytes, exc: orjson.JSONDecodeError) -> str:
@@ -292,12 +751,14 @@ def _json_message(raw: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"invalid JSON: {exc.msg} at column {exc.colno}"
 
 
-def _parse_chat(obj: dict[str, Any], default_model: str | None) -> _Parsed:
+def _parse_chat(obj: dict[str, Any], ctx: _Context) -> _Parsed:
     """Shapes 1 and 2: the line itself is the body, less the keys that only batchgate reads."""
     derived = "id" not in obj
     rid = _derive_id(obj) if derived else _check_id(obj.pop("id"), "id")
     obj.pop("job", None)
-    obj.pop("meta", None)  # the user's own bookkeeping (category, source, ...): never sent
+    meta = obj.pop("meta", None)  # the user's own bookkeeping (category, source, ...): never sent
+    if meta is not None and type(meta) is not dict:
+        raise _LineProblem(f'"meta" must be an object (your own keys, never sent), got {_show(meta)}')
     prompt = obj.pop("prompt", _MISSING)
     system = obj.pop("system", _MISSING)
     if prompt is not _MISSING:
@@ -319,10 +780,11 @@ def _parse_chat(obj: dict[str, Any], default_model: str | None) -> _Parsed:
         raise _LineProblem('"system" goes with "prompt"; with "messages", add a {"role": "system"} message')
     else:
         chars = _check_messages(obj["messages"], "messages")
-    return rid, _finish_body(obj, default_model, ""), obj, chars, derived
+    model, unknown = _finish_body(obj, ctx, "")
+    return rid, model, obj, chars, derived, unknown, meta
 
 
-def _parse_batch(obj: dict[str, Any], default_model: str | None) -> _Parsed:
+def _parse_batch(obj: dict[str, Any], ctx: _Context) -> _Parsed:
     """Shape 3, an OpenAI Batch API line: only its four keys, and a chat-completions body."""
     for key in obj:
         if key not in _BATCH_KEYS:
@@ -341,7 +803,8 @@ def _parse_batch(obj: dict[str, Any], default_model: str | None) -> _Parsed:
     if "messages" not in body:
         raise _LineProblem('"body" needs "messages"')
     chars = _check_messages(body["messages"], "body.messages")
-    return rid, _finish_body(body, default_model, "body."), body, chars, derived
+    model, unknown = _finish_body(body, ctx, "body.")
+    return rid, model, body, chars, derived, unknown, None
 
 
 def _check_id(value: Any, key: str) -> str:
@@ -373,6 +836,10 @@ def _check_messages(messages: Any, where: str) -> int:
         role = message.get("role")
         if type(role) is not str or not role:
             raise _LineProblem(f'{where}[{i}]: "role" must be a non-empty string, got {_show(role)}')
+        if role not in ROLES:
+            close = difflib.get_close_matches(role.lower(), ROLES, n=1)
+            hint = f": did you mean {close[0]}?" if close else ""
+            raise _LineProblem(f"{where}[{i}]: unknown role {_show(role)}{hint} (roles: {', '.join(ROLES)})")
         content = message.get("content", _MISSING)
         if type(content) is str:
             chars += len(content)
@@ -388,15 +855,15 @@ def _check_messages(messages: Any, where: str) -> int:
     return chars
 
 
-def _finish_body(body: dict[str, Any], default_model: str | None, where: str) -> str:
-    """Drop what the client sets, resolve the model into the body; returns the model."""
+def _finish_body(body: dict[str, Any], ctx: _Context, where: str) -> tuple[str, tuple[str, ...]]:
+    """Drop what the client sets, resolve the model into the body; returns the model and unknown keys."""
     body.pop("stream", None)
     body.pop("stream_options", None)
     model = body.get("model", _MISSING)
     if model is _MISSING:
-        if not default_model:
+        if not ctx.default_model:
             raise _LineProblem(NO_MODEL)
-        model = body["model"] = default_model
+        model = body["model"] = ctx.default_model
     elif type(model) is not str or not model:
         raise _LineProblem(f'"{where}model" must be a non-empty string, got {_show(model)}')
     for key in ("max_tokens", "max_completion_tokens"):
@@ -404,7 +871,13 @@ def _finish_body(body: dict[str, Any], default_model: str | None, where: str) ->
         limit = body.get(key, 1)
         if type(limit) is not int or limit < 1:
             raise _LineProblem(f'"{where}{key}" must be a positive integer, got {_show(limit)}')
-    return model
+    unknown: tuple[str, ...] = ()
+    for key in body:
+        if key not in CHAT_PARAMETERS:
+            if ctx.strict:
+                raise _LineProblem(unknown_parameter(where + key) + " (--strict)")
+            unknown += (where + key,)
+    return model, unknown
 
 
 def _show(value: Any) -> str:

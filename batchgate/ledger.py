@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +26,31 @@ import orjson
 
 from .errors import LedgerError, OutputLocked
 
-__all__ = ["LEDGER_NAME", "IdSet", "Ledger", "ResumeIndex", "complete_end", "lock_output_dir", "write_atomic"]
+__all__ = [
+    "LEDGER_NAME",
+    "AnswerIndex",
+    "IdSet",
+    "IntentLog",
+    "Ledger",
+    "PossiblyBilled",
+    "ResumeIndex",
+    "complete_end",
+    "lock_output_dir",
+    "read_possibly_billed",
+    "row_key",
+    "write_atomic",
+]
 
 LEDGER_NAME = "results.jsonl"
 TORN_NAME = "results.torn.jsonl"
+SPILL_NAME = "results.spill.jsonl"
 LOCK_NAME = ".batchgate.lock"
+INTENTS_DIR = "intents"
+POSSIBLY_BILLED_NAME = "possibly_billed.jsonl"
+INDEX_NAME = "results.index"
 _FSYNC_EVERY_S = 1.0
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_KEEP_DAMAGED = 20  # line numbers of damaged rows kept for the message
 
 
 class IdSet:
@@ -84,19 +105,124 @@ def _digest(rid: str) -> bytes:
     return hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def row_key(rid: str, sample: int = 0) -> str:
+    """The ledger's key for one answer: the id alone for sample 0 (as v1 ledgers have it)."""
+    return rid if not sample else f"{rid}\x00{sample}"
+
+
+def _fp64(fingerprint: object) -> int:
+    """64 bits of a fingerprint, 0 when the row has none (a v1 row: trusted as it is)."""
+    if isinstance(fingerprint, str) and len(fingerprint) >= 16:
+        try:
+            return int(fingerprint[:16], 16) or 1
+        except ValueError:
+            return 1
+    return 0
+
+
+_Bools = npt.NDArray[np.bool_]
+
+
+class AnswerIndex:
+    """The ok answers of a ledger: key digest -> fingerprint of the request that bought it.
+
+    The latest ok row of a key wins (a prompt re-run after an edit supersedes its old answer).
+    24 bytes an answer, so ten million of them fit in 240 MB at most, with no strings kept.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._fps: list[int] = []
+        self._hi: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
+        self._lo: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
+        self._fp: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
+
+    def add(self, key: str, fingerprint: object = None) -> None:
+        self._pending += _digest(key)
+        self._fps.append(_fp64(fingerprint))
+
+    def __len__(self) -> int:
+        self._freeze()
+        return len(self._hi)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(self.contains([key])[0])
+
+    def absorb(self, later: AnswerIndex) -> None:
+        """Take in the answers of ``later`` (not frozen yet), which win over ours for the same key."""
+        self._pending += later._pending
+        self._fps += later._fps
+
+    def contains(self, keys: Sequence[str]) -> _Bools:
+        """Whether each key has an ok row, whatever request bought it."""
+        done, stale = self.lookup(keys, [""] * len(keys))
+        return done | stale
+
+    def lookup(self, keys: Sequence[str], fingerprints: Sequence[str]) -> tuple[_Bools, _Bools]:
+        """(done, stale) per key: done = an ok row whose fingerprint matches (or is unknown);
+        stale = an ok row bought for a request that has changed since."""
+        self._freeze()
+        n = len(keys)
+        if not len(self._hi) or not n:
+            none = np.zeros(n, dtype=bool)
+            return none, none.copy()
+        q = np.frombuffer(b"".join(_digest(k) for k in keys), dtype=np.uint64).reshape(-1, 2)
+        at = np.minimum(np.searchsorted(self._hi, q[:, 0]), len(self._hi) - 1)
+        # Several keys may share the first 64 bits; walk forward over that run (rare).
+        found = np.zeros(n, dtype=bool)
+        fp = np.zeros(n, dtype=np.uint64)
+        for step in range(4):
+            idx = np.minimum(at + step, len(self._hi) - 1)
+            hit = (~found) & (self._hi[idx] == q[:, 0]) & (self._lo[idx] == q[:, 1])
+            found |= hit
+            fp[hit] = self._fp[idx][hit]
+        want = np.array([_fp64(f) for f in fingerprints], dtype=np.uint64)
+        same = (fp == 0) | (want == 0) | (fp == want)
+        return found & same, found & ~same
+
+    def _freeze(self) -> None:
+        if not self._pending:
+            return
+        fresh = np.frombuffer(self._pending, dtype=np.uint64).reshape(-1, 2)
+        hi = np.concatenate([self._hi, fresh[:, 0]])
+        lo = np.concatenate([self._lo, fresh[:, 1]])
+        fp = np.concatenate([self._fp, np.array(self._fps, dtype=np.uint64)])
+        del fresh
+        self._pending = bytearray()
+        self._fps = []
+        order = np.lexsort((lo, hi))  # stable: equal keys keep ledger order
+        hi, lo, fp = hi[order], lo[order], fp[order]
+        last = np.ones(len(hi), dtype=bool)  # keep the latest row of each key
+        if len(hi) > 1:
+            last[:-1] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        self._hi, self._lo, self._fp = hi[last], lo[last], fp[last]
+
+
 @dataclass(slots=True)
 class ResumeIndex:
-    """What an existing ledger says about its ids."""
+    """What an existing ledger says about its answers."""
 
-    ok_ids: IdSet = field(default_factory=IdSet)
+    answers: AnswerIndex = field(default_factory=AnswerIndex)
     rows: int = 0
     failed_rows: int = 0
     unreadable_lines: int = 0
+    damaged_lines: list[int] = field(default_factory=list)  # the first few, 1-based
     torn_bytes: int = 0  # size of a torn last line set aside into results.torn.jsonl
+    spilled_rows: int = 0  # rows folded back in from a spill file an earlier run left
+    lines: int = 0  # lines of the ledger read (for the line numbers of damaged ones)
+    from_cache: bool = False  # the resume index beside the ledger covered most of it
+
+    @property
+    def ok_ids(self) -> AnswerIndex:
+        return self.answers
 
 
 class Ledger:
-    """Appends rows to ``results.jsonl`` and reads it back for resume."""
+    """Appends rows to ``results.jsonl`` and reads it back for resume.
+
+    Symlinks are refused (``O_NOFOLLOW``): a planted link must not make a run append to, or
+    truncate, a file outside its output directory.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
@@ -104,52 +230,136 @@ class Ledger:
         self._fd: int | None = None
         self._pending: list[bytes] = []
         self._last_fsync = time.monotonic()
+        self._dirty = False
+        self._index: ResumeIndex | None = None
+        self._added = AnswerIndex()
+        self.spilled_to: Path | None = None
 
     def open(self) -> ResumeIndex:
-        """Repair a torn tail, index the existing rows, and open for appending."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Repair a torn tail, fold in spilled rows, index the existing rows, open for appending."""
+        _ensure_dir(self.out_dir)
         index = ResumeIndex()
-        if self.path.exists():
-            index.torn_bytes = self._repair_tail()
-            _index_rows(self.path, index)
+        _refuse_symlink(self.path)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
         except OSError as exc:
             raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
+        index.torn_bytes = self._repair_tail()
+        index.spilled_rows = self._fold_spills()
+        start, lines = _load_index(self.out_dir / INDEX_NAME, self.path, index)
+        index.from_cache = start > 0
+        _index_rows(self.path, index, start, lines)
+        self._index = index
         return index
 
     def append(self, row: dict[str, Any]) -> None:
         """Queue a row; :meth:`flush` writes every queued row in one system call."""
         self._pending.append(orjson.dumps(row) + b"\n")
+        index = self._index
+        if index is not None:
+            index.lines += 1
+            index.rows += 1
+            if row.get("status") == "ok":
+                # Kept apart until close: the run's lookups must not re-sort the index on every batch.
+                self._added.add(row_key(row["id"], row.get("sample") or 0), row.get("fingerprint"))
+            else:
+                index.failed_rows += 1
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def flush(self, *, sync: bool = False) -> None:
-        """Write queued rows; raises LedgerError (rows stay queued) when the disk refuses them."""
+        """Write queued rows; raises LedgerError (rows stay queued) when the disk refuses them.
+
+        Without ``sync`` no fsync happens here: :meth:`sync` runs once a second off the event
+        loop (the runner's job), so a slow disk never stalls the streams.
+        """
         if self._pending and self._fd is not None:
             _write_all(self._fd, b"".join(self._pending), self.path)
             self._pending.clear()
-        if self._fd is not None and (sync or time.monotonic() - self._last_fsync >= _FSYNC_EVERY_S):
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                raise LedgerError(f"{self.path}: cannot sync to disk ({exc.strerror})") from None
-            self._last_fsync = time.monotonic()
+            self._dirty = True
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what was written; safe to call from a worker thread."""
+        fd = self._fd
+        if fd is None or not self._dirty:
+            return
+        self._dirty = False
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot sync to disk ({exc.strerror})") from None
+        self._last_fsync = time.monotonic()
 
     def close(self) -> None:
-        if self._fd is not None:
+        """Write everything; rows the disk refuses go to a spill file, never nowhere.
+
+        Raises LedgerError naming where the rows went when the ledger refused them.
+        """
+        if self._fd is None:
+            return
+        try:
+            self.flush(sync=True)
+        except LedgerError as exc:
+            where = self._spill()
+            self._pending.clear()
+            os.close(self._fd)
+            self._fd = None
+            if where is None:
+                raise LedgerError(f"{exc}; the rows could not be saved anywhere") from None
+            self.spilled_to = where
+            raise LedgerError(f"{exc}; its rows were saved to {where} and the next run folds them in") from None
+        os.close(self._fd)
+        self._fd = None
+        if self._index is not None:
+            self._index.answers.absorb(self._added)
+            self._added = AnswerIndex()
+            with contextlib.suppress(OSError):  # the index only saves time; a rerun rebuilds it
+                _save_index(self.out_dir / INDEX_NAME, self.path, self._index)
+
+    def _spill(self) -> Path | None:
+        data = b"".join(self._pending)
+        for where in (self.out_dir / SPILL_NAME, _tmp_spill(self.out_dir)):
             try:
-                self.flush(sync=True)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-                self._pending.clear()
+                fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600)
+                try:
+                    _write_all(fd, data, where)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except (OSError, LedgerError):
+                continue
+            return where
+        return None
+
+    def _fold_spills(self) -> int:
+        """Append the whole rows of spill files an earlier run left, then remove them."""
+        folded = 0
+        for spill in (self.out_dir / SPILL_NAME, _tmp_spill(self.out_dir)):
+            if not spill.is_file() or spill.is_symlink():
+                continue
+            with open(spill, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                end = complete_end(f, size)
+                f.seek(0)
+                data = f.read(end)
+            if data and not data.endswith(b"\n"):
+                data += b"\n"
+            if data:
+                assert self._fd is not None
+                _write_all(self._fd, data, self.path)
+                os.fsync(self._fd)
+                folded += data.count(b"\n")
+            spill.unlink()
+        return folded
 
     def _repair_tail(self) -> int:
         """Make the file end on a row boundary; keep a complete row that only lacks its newline."""
-        with open(self.path, "r+b") as f:
+        fd = os.open(self.path, os.O_RDWR | _NOFOLLOW)
+        with os.fdopen(fd, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
             end = complete_end(f, size)
             if end == size:
@@ -160,10 +370,31 @@ class Ledger:
                 return 0
             f.seek(end)
             tail = f.read()
-            with open(self.out_dir / TORN_NAME, "ab") as torn:
+            torn_fd = os.open(self.out_dir / TORN_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+            with os.fdopen(torn_fd, "ab") as torn:
                 torn.write(tail + b"\n")
             f.truncate(end)
             return len(tail)
+
+
+def _tmp_spill(out_dir: Path) -> Path:
+    """Where rows go when the output directory's disk refuses them: a file the next run can find."""
+    tag = hashlib.blake2b(str(out_dir.resolve()).encode(), digest_size=6).hexdigest()
+    return Path(tempfile.gettempdir()) / f"batchgate-spill-{tag}.jsonl"
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise LedgerError(f"{path} is a symbolic link; batchgate writes only real files inside --out")
+
+
+def _ensure_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LedgerError(f"{out_dir}: cannot create the output directory ({exc.strerror})") from None
+    if out_dir.is_symlink() and not out_dir.is_dir():
+        raise LedgerError(f"{out_dir} is a dangling symbolic link")
 
 
 def complete_end(f: IO[bytes], size: int) -> int:
@@ -194,25 +425,94 @@ def complete_end(f: IO[bytes], size: int) -> int:
     return size if isinstance(row, dict) and "id" in row and "status" in row else start
 
 
-def _index_rows(path: Path, index: ResumeIndex) -> None:
+def _index_rows(path: Path, index: ResumeIndex, start: int = 0, lines: int = 0) -> None:
     loads = orjson.loads
-    add_ok = index.ok_ids.add
+    add_ok = index.answers.add
+    damaged = index.damaged_lines
+    number = lines
     with open(path, "rb") as f:
-        for line in f:
+        f.seek(start)
+        for number, line in enumerate(f, lines + 1):
             if len(line) <= 1:
                 continue
             try:
                 row = loads(line)
                 rid = row["id"]
                 status = row["status"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                sample = row.get("sample") or 0
+                if not isinstance(rid, str) or not isinstance(sample, int):
+                    raise TypeError
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                 index.unreadable_lines += 1
+                if len(damaged) < _KEEP_DAMAGED:
+                    damaged.append(number)
                 continue
             index.rows += 1
             if status == "ok":
-                add_ok(rid)
+                add_ok(row_key(rid, sample), row.get("fingerprint"))
             else:
                 index.failed_rows += 1
+    index.lines = number
+
+
+_INDEX_MAGIC = b"batchgate-index 1\n"
+_TAIL_CHECK = 4096
+
+
+def _tail_digest(path: Path, size: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, size - _TAIL_CHECK))
+        return hashlib.blake2b(f.read(min(size, _TAIL_CHECK)), digest_size=16).hexdigest()
+
+
+def _save_index(index_path: Path, ledger: Path, index: ResumeIndex) -> None:
+    """``results.index``: the ok answers of the first ``covered`` bytes, so a resume reads only the rest."""
+    answers = index.answers
+    answers._freeze()
+    size = ledger.stat().st_size
+    header = {
+        "covered": size,
+        "tail": _tail_digest(ledger, size),
+        "n": len(answers._hi),
+        "rows": index.rows,
+        "failed_rows": index.failed_rows,
+        "unreadable_lines": index.unreadable_lines,
+        "damaged_lines": index.damaged_lines,
+        "lines": index.lines,
+    }
+    parts = [_INDEX_MAGIC, orjson.dumps(header) + b"\n"]
+    parts += [a.astype("<u8").tobytes() for a in (answers._hi, answers._lo, answers._fp)]
+    write_atomic(index_path, parts)
+
+
+def _load_index(index_path: Path, ledger: Path, index: ResumeIndex) -> tuple[int, int]:
+    """(offset to read on from, lines before it); (0, 0) when the index is missing, damaged or stale.
+
+    Stale: the ledger is shorter than what the index covers, or the bytes at its covered end
+    differ (rewritten by hand).  Appended rows after it are fine: they are read as usual.
+    """
+    try:
+        if index_path.is_symlink() or not index_path.is_file():
+            return 0, 0
+        with open(index_path, "rb") as f:
+            if f.readline() != _INDEX_MAGIC:
+                return 0, 0
+            header = orjson.loads(f.readline())
+            n = int(header["n"])
+            covered = int(header["covered"])
+            arrays = [np.frombuffer(f.read(8 * n), dtype="<u8").astype(np.uint64) for _ in range(3)]
+        if any(len(a) != n for a in arrays) or covered > ledger.stat().st_size:
+            return 0, 0
+        if covered and _tail_digest(ledger, covered) != header["tail"]:
+            return 0, 0
+    except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return 0, 0
+    index.answers._hi, index.answers._lo, index.answers._fp = arrays
+    index.rows = int(header["rows"])
+    index.failed_rows = int(header["failed_rows"])
+    index.unreadable_lines = int(header["unreadable_lines"])
+    index.damaged_lines = [int(x) for x in header["damaged_lines"]]
+    return covered, int(header["lines"])
 
 
 def _write_all(fd: int, data: bytes, path: Path) -> None:
@@ -264,9 +564,16 @@ def lock_output_dir(out_dir: Path) -> _DirLock:
     ``flock`` is released by the kernel when its holder dies, so a ``kill -9`` never leaves a
     lock that blocks the next run.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_dir(out_dir)
     path = out_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise LedgerError(
+                f"{path} is a symbolic link; remove it (batchgate never follows links in --out)"
+            ) from None
+        raise LedgerError(f"{path}: cannot create the lock file ({exc.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -279,3 +586,156 @@ def lock_output_dir(out_dir: Path) -> _DirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return _DirLock(fd)
+
+
+@dataclass(slots=True)
+class PossiblyBilled:
+    """Attempts that were sent but never ended in a row: a crash (or a cancel) may have been billed for them."""
+
+    attempts: int = 0
+    usd: float = 0.0  # their worst cases, where a price was known
+    unpriced: int = 0  # attempts whose worst case had no price yet
+
+    def add(self, other: PossiblyBilled) -> None:
+        self.attempts += other.attempts
+        self.usd = math.fsum((self.usd, other.usd))
+        self.unpriced += other.unpriced
+
+
+class IntentLog:
+    """``DIR/intents/<run_id>.jsonl``: a line before every attempt is sent, a line when its row is written.
+
+    A run that dies (``kill -9``, power cut) leaves the file behind; the next run reads it and
+    counts every attempt without its row as *possibly billed*, at its worst case, into
+    ``possibly_billed.jsonl`` (kept for good: a later run buying the answer again does not make
+    the crashed attempt free).  A run that ends normally removes its file, after recording what
+    it abandoned itself.  The start line is written at once (one ``write`` per attempt, never
+    buffered past the send); done lines go out with the ledger's flush.
+    """
+
+    def __init__(self, out_dir: Path, run_id: str) -> None:
+        self.out_dir = out_dir
+        self.run_id = run_id
+        self.dir = out_dir / INTENTS_DIR
+        self.path = self.dir / f"{run_id}.jsonl"
+        self._fd: int | None = None
+        self._done: list[bytes] = []
+        self._open: dict[str, list[float]] = {}  # key -> [attempts, worst usd, unpriced]
+
+    def open(self) -> PossiblyBilled:
+        """Resolve what crashed runs left; start this run's file; return the directory's total so far."""
+        _ensure_dir(self.dir)
+        crashed = PossiblyBilled()
+        for leftover in sorted(self.dir.glob("*.jsonl")):
+            if leftover.is_symlink() or leftover == self.path:
+                continue
+            found = _unresolved(leftover)
+            _record_possibly_billed(self.out_dir, leftover.stem, found)
+            leftover.unlink()
+        total = read_possibly_billed(self.out_dir)
+        crashed.add(total)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
+        return crashed
+
+    def started(self, key: str, attempt: int, fingerprint: str | None, worst_usd: float | None) -> None:
+        """Record an attempt about to be sent (one ``write``, before the request leaves)."""
+        entry = self._open.get(key)
+        if entry is None:
+            entry = self._open[key] = [0, 0.0, 0]
+        entry[0] += 1
+        if worst_usd is None:
+            entry[2] += 1
+        else:
+            entry[1] += worst_usd
+        if self._fd is not None:
+            line = orjson.dumps({"k": key, "a": attempt, "fp": fingerprint, "w": worst_usd}) + b"\n"
+            try:
+                os.write(self._fd, line)
+            except OSError as exc:
+                raise LedgerError(f"{self.path}: cannot append ({exc.strerror})") from None
+
+    def finished(self, key: str) -> None:
+        """Its row is queued in the ledger; the done line follows the ledger's next flush."""
+        if self._open.pop(key, None) is not None:
+            self._done.append(orjson.dumps({"k": key, "done": True}) + b"\n")
+
+    def flush(self) -> None:
+        """Write the done lines (after the ledger rows they vouch for)."""
+        if self._done and self._fd is not None:
+            data = b"".join(self._done)
+            self._done.clear()
+            with contextlib.suppress(OSError):  # a lost done line only overcounts, on the safe side
+                os.write(self._fd, data)
+
+    def close(self, *, clean: bool) -> PossiblyBilled:
+        """End this run's log; what it still holds open was abandoned in flight and is counted."""
+        left = PossiblyBilled()
+        for attempts, usd, unpriced in self._open.values():
+            left.add(PossiblyBilled(int(attempts), usd, int(unpriced)))
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if clean:
+            if left.attempts:
+                _record_possibly_billed(self.out_dir, self.run_id, left)
+            self.path.unlink(missing_ok=True)
+        return left
+
+
+def _unresolved(path: Path) -> PossiblyBilled:
+    """Attempts in an intents file without their done line (memory: what was in flight, not the file)."""
+    open_: dict[str, list[float]] = {}
+    loads = orjson.loads
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                obj = loads(line)
+                key = obj["k"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line: the attempt it announced was never sent
+            if obj.get("done"):
+                open_.pop(key, None)
+                continue
+            entry = open_.setdefault(key, [0, 0.0, 0])
+            entry[0] += 1
+            worst = obj.get("w")
+            if isinstance(worst, int | float) and math.isfinite(worst):
+                entry[1] += float(worst)
+            else:
+                entry[2] += 1
+    found = PossiblyBilled()
+    for attempts, usd, unpriced in open_.values():
+        found.add(PossiblyBilled(int(attempts), usd, int(unpriced)))
+    return found
+
+
+def _record_possibly_billed(out_dir: Path, run_id: str, found: PossiblyBilled) -> None:
+    if not found.attempts:
+        return
+    row = {"v": 1, "run_id": run_id, "attempts": found.attempts, "usd": found.usd, "unpriced": found.unpriced}
+    path = out_dir / POSSIBLY_BILLED_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    try:
+        _write_all(fd, orjson.dumps(row) + b"\n", path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_possibly_billed(out_dir: Path) -> PossiblyBilled:
+    """The directory's possibly-billed total over every run that died or abandoned attempts."""
+    total = PossiblyBilled()
+    path = out_dir / POSSIBLY_BILLED_NAME
+    if not path.is_file():
+        return total
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                obj = orjson.loads(line)
+                total.add(PossiblyBilled(int(obj["attempts"]), float(obj["usd"]), int(obj.get("unpriced", 0))))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return total

@@ -73,6 +73,26 @@ class PriceBook:
     def __init__(self) -> None:
         self._fits: dict[str, _Fit] = {}
         self._prices: dict[str, ModelPrice | None] = {}
+        self._published: dict[str, float] = {}  # USD per token, prompt and completion alike
+        self._peak: dict[str, float] = {}  # the highest USD per token any confirmed request implied
+
+    def publish(self, model: str, usd_per_token: float) -> None:
+        """A price the API publishes (the pricing endpoint): known before the first answer."""
+        if math.isfinite(usd_per_token) and usd_per_token > 0:
+            self._published[model] = usd_per_token
+            self._prices.pop(model, None)
+
+    def worst_per_token(self, model: str) -> float | None:
+        """The highest USD per token known for ``model`` (published, learnt or implied); None if none.
+
+        A budget reserves at this price, so prices that rise mid-run are met by the reservations
+        of requests already in flight, never by a stale, lower estimate.
+        """
+        best = max(self._published.get(model, 0.0), self._peak.get(model, 0.0))
+        price = self.price(model)
+        if price is not None:
+            best = max(best, price.per_prompt_token, price.per_completion_token)
+        return best or None
 
     def learn(self, model: str, prompt_tokens: int, completion_tokens: int, cost: float, prompt_chars: int) -> None:
         """Record one confirmed request."""
@@ -91,13 +111,24 @@ class PriceBook:
         fit.ctok += completion_tokens
         fit.chars += prompt_chars
         self._prices.pop(model, None)
+        # Upper bound of this request's price per token: all its cost on its completion tokens
+        # when the split is unknown would overstate wildly; cost / tokens is exact for a flat
+        # price (GonkaGate publishes one) and the fit above covers split prices.
+        tokens = prompt_tokens + completion_tokens
+        if tokens > 0 and cost > 0:
+            implied = cost / tokens
+            if implied > self._peak.get(model, 0.0):
+                self._peak[model] = implied
 
     def price(self, model: str) -> ModelPrice | None:
-        """The learnt price of ``model``, or None before any confirmed request of it."""
+        """The learnt price of ``model`` (else its published one), or None while neither exists."""
         if model in self._prices:
             return self._prices[model]
         fit = self._fits.get(model)
         price = None if fit is None else _solve(fit)
+        if price is None and model in self._published:
+            flat = self._published[model]
+            price = ModelPrice(flat, flat, 0.25)
         self._prices[model] = price
         return price
 
@@ -143,11 +174,24 @@ class Budget:
         self.reserved = 0.0
 
     def worst_case(self, model: str, prompt_chars: int, max_tokens: int) -> float | None:
-        """None while no price is known for ``model``."""
-        price = self.book.price(model)
-        if price is None:
+        """What the server could bill for one request at most; None while no price is known."""
+        return self.worst_case_of(self.book, model, prompt_chars, max_tokens)
+
+    @classmethod
+    def worst_case_of(cls, book: PriceBook, model: str, prompt_chars: int, max_tokens: int) -> float | None:
+        """What the server could bill for one request at most; None while no price is known.
+
+        Prompt tokens: the prompt's length at the learnt tokens per character with a margin,
+        never less than one token per character / 2 (a tokenizer cannot do much worse on real
+        text); completion: ``max_tokens``; all at the highest price known for the model.
+        """
+        per_token = book.worst_per_token(model)
+        if per_token is None:
             return None
-        return price.cost(prompt_chars * price.tokens_per_char * self.PROMPT_MARGIN + 8, max_tokens)
+        price = book.price(model)
+        per_char = price.tokens_per_char if price is not None else 0.25
+        prompt = max(prompt_chars * per_char * cls.PROMPT_MARGIN, prompt_chars / 2) + 16
+        return (prompt + max_tokens) * per_token
 
     def try_reserve(self, amount: float) -> bool:
         if self.spent + self.reserved + amount > self.cap_usd:

@@ -28,7 +28,8 @@ class Outcome:
     error: ApiError | None = None
     attempts: int = 0
     causes: list[str] = field(default_factory=list)
-    cut_tokens: int = 0  # completion tokens received by attempts cut before their usage chunk
+    cut_tokens: int = 0  # content events received by attempts cut before their usage chunk
+    cut_chars: int = 0  # characters (content, reasoning, tool arguments) those attempts received
 
 
 class RetryPolicy:
@@ -78,6 +79,7 @@ class RetryPolicy:
             except ApiError as exc:
                 outcome.causes.append(exc.kind)
                 outcome.cut_tokens += exc.received_tokens
+                outcome.cut_chars += getattr(exc, "received_chars", 0) or 0
                 if self.on_failed_attempt is not None:
                     self.on_failed_attempt(exc)
                 raise

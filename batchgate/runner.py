@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import itertools
+import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,9 @@ from typing import Any
 import orjson
 
 from . import jobs
+from .accounting import Accounts, combine_charges
 from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
-from .config import RunConfig
+from .config import RunConfig, input_options, public_settings
 from .errors import (
     ApiError,
     AuthError,
@@ -32,35 +36,42 @@ from .errors import (
     InsufficientBalance,
     Interrupted,
     LedgerError,
+    LengthCut,
     RateLimited,
     RetryableError,
 )
-from .ledger import Ledger, lock_output_dir, write_atomic
-from .models import LEDGER_VERSION, PromptRecord, RunSummary
-from .pricing import Budget, PriceBook, RunningSum
+from .fingerprint import request_fingerprint
+from .ledger import IntentLog, Ledger, PossiblyBilled, lock_output_dir, row_key, write_atomic
+from .models import PromptRecord, RunSummary, StopReason
+from .pricing import Budget, PriceBook
 from .retry import Outcome, RetryPolicy
+from .rows import make_row
+from .structured import AnswerSchema, Verdict
 from .throttle import Throttle
 
-__all__ = ["EXIT_CODES", "Runner", "run"]
+__all__ = ["EXIT_CODES", "Runner", "in_shard", "run"]
 
-#: Exit code per stop reason; the README documents the same table.
-EXIT_CODES = {
-    None: 0,
-    "failed": 1,
-    "auth": 2,
-    "unreachable": 2,
-    "balance": 3,
-    "budget": 3,
-    "ledger": 1,
-    "interrupted": 130,
-    "terminated": 143,
-}
+#: Exit code per stop reason (``StopReason.exit_code``); the README documents the same table.
+EXIT_CODES: dict[str | None, int] = {None: 0, **{r.value: r.exit_code for r in StopReason}}
 
 _STREAM_OPTIONS = {"include_usage": True}
+_SYNC_EVERY_S = 1.0
 
 
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def in_shard(prompt_id: str, shard: tuple[int, int] | None) -> bool:
+    """Whether ``prompt_id`` belongs to shard ``k`` of ``n`` (1-based): a stable hash, no coordination."""
+    if shard is None:
+        return True
+    k, n = shard
+    h = int.from_bytes(hashlib.blake2b(prompt_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    return h % n == k - 1
+
+
+_Pending = tuple[PromptRecord, dict[str, Any], str]  # record, body to send, its fingerprint
 
 
 class Runner:
@@ -79,24 +90,31 @@ class Runner:
         self.records = records
         self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         self.summary = RunSummary(run_id=self.run_id, out=str(config.out_dir))
-        self.total = 0  # prompts in the inputs
+        self.total = 0  # requests the inputs ask for (prompts x samples, in this shard)
         self.in_flight = 0
-        self.prices = PriceBook()
+        self.retrying = 0  # prompts waiting to retry after a failed attempt
+        self.last_error: str | None = None
+        self.notices: list[str] = []  # things the user should know that are not errors (the CLI prints them)
+        self.accounts = Accounts()
+        self.prices: PriceBook = self.accounts.prices
         self.stop_message: str | None = None
-        self._stop_reason: str | None = None
+        self._stop_reason: StopReason | None = None
         self._ledger = Ledger(config.out_dir)
+        self._intents = IntentLog(config.out_dir, self.run_id)
         self._flush_scheduled = False
-        self._unpriced: list[tuple[str, int, int]] = []  # (model, prompt_chars, cut tokens)
-        self._unconfirmed = RunningSum()
-        self._confirmed = RunningSum()
         self._tasks: list[asyncio.Task[None]] = []
         self.throttle = Throttle(config.concurrency, config.rpm)
         self.budget = Budget(config.max_cost_usd, self.prices) if config.max_cost_usd is not None else None
         self._probes: dict[str, asyncio.Event] = {}
-        self._longest_completion: dict[str, int] = {}
         self._started = time.monotonic()
         self._any_response = False
         self._ledger_error: LedgerError | None = None
+        self._possibly_billed = PossiblyBilled()
+        self.schema: AnswerSchema | None = (
+            AnswerSchema(config.json_schema, mode=config.json_mode, source="--json-schema")
+            if config.json_schema is not None
+            else None
+        )
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -104,10 +122,10 @@ class Runner:
     def stopping(self) -> bool:
         return self._stop_reason is not None
 
-    def request_stop(self, reason: str, message: str | None = None) -> None:
+    def request_stop(self, reason: str | StopReason, message: str | None = None) -> None:
         """Start no new prompt; those in flight finish. The first reason given wins."""
         if self._stop_reason is None:
-            self._stop_reason = reason
+            self._stop_reason = StopReason(reason)
             self.stop_message = message
 
     def cancel_in_flight(self) -> None:
@@ -125,18 +143,41 @@ class Runner:
         """
         cfg = self.config
         if self.records is None:
-            report = jobs.validate(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+            report = jobs.validate(self.inputs, **self._input_options())
             if not report.ok():
                 raise InputError(report.format())
-            self.total = report.records
+            if report.warnings:
+                self.notices.append(report.format_warnings())
+            if cfg.shard is None:
+                self.total = report.records * cfg.samples
+            else:
+                self.total = cfg.samples * sum(
+                    1
+                    for r in jobs.iter_records(self.inputs, **self._input_options())
+                    if in_shard(r.id, cfg.shard)
+                )
         else:
-            self.total = len(self.records)
+            self.total = len(self.records) * cfg.samples
         lock = lock_output_dir(cfg.out_dir)
         results: list[Any] = []
+        clean = False
         try:
             index = self._ledger.open()
-            self._done_ids = index.ok_ids
+            if index.unreadable_lines:
+                lines = ", ".join(map(str, index.damaged_lines))
+                more = "" if index.unreadable_lines <= len(index.damaged_lines) else ", ..."
+                self.notices.append(
+                    f"{self._ledger.path}: {index.unreadable_lines} damaged line(s) skipped (line {lines}{more}); "
+                    "any answer they held is asked again"
+                )
+            if index.torn_bytes:
+                self.notices.append(f"{self._ledger.path}: a torn last line was set aside into results.torn.jsonl")
+            if index.spilled_rows:
+                self.notices.append(f"{index.spilled_rows} row(s) an earlier run could not write were folded back in")
+            self._answers = index.answers
+            self._possibly_billed = self._intents.open()
             records = self._pending_records()
+            self._write_run_file(finished=False)
             session = make_session(
                 cfg.api_key,
                 concurrency=cfg.concurrency,
@@ -146,6 +187,7 @@ class Runner:
             self._watch = StallWatch(cfg.idle_timeout_s)
             policy = RetryPolicy(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, self._on_failed_attempt)
             url = cfg.base_url.rstrip("/") + "/chat/completions"
+            syncer = asyncio.create_task(self._sync_periodically())
             try:
                 async with session:
                     self._tasks = [
@@ -154,16 +196,19 @@ class Runner:
                     ]
                     results = await asyncio.gather(*self._tasks, return_exceptions=True)
             finally:
+                syncer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await syncer
                 await self._watch.close()
                 try:
                     self._ledger.close()
                 except LedgerError as exc:
                     self._ledger_error = exc
+                clean = self._ledger_error is None and not any(isinstance(r, BaseException) for r in results)
+                self._intents.flush()
+                self._possibly_billed.add(self._intents.close(clean=clean))
                 self._finish()
-                with contextlib.suppress(OSError):  # run.json is a convenience; the ledger is the record
-                    write_atomic(
-                        cfg.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
-                    )
+                self._write_run_file(finished=True)
         finally:
             lock.release()
         for res in results:
@@ -173,71 +218,182 @@ class Runner:
             raise self._ledger_error
         return self.summary
 
-    def _pending_records(self) -> Iterator[PromptRecord]:
-        done = self._done_ids
+    def _input_options(self) -> dict[str, Any]:
+        return input_options(self.config)
+
+    def _write_run_file(self, *, finished: bool) -> None:
+        """``runs/<run_id>.json`` (and ``run.json``, the latest): inputs, effective config, summary."""
+        doc = {
+            "run_id": self.run_id,
+            "finished": finished,
+            "inputs": [str(p) for p in self.inputs],
+            "total": self.total,
+            "config": public_settings(self.config),
+            "summary": self.summary.as_dict(),
+        }
+        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
+        with contextlib.suppress(OSError):  # run files are a convenience; the ledger is the record
+            runs = self.config.out_dir / "runs"
+            runs.mkdir(exist_ok=True)
+            write_atomic(runs / f"{self.run_id}.json", data)
+            if finished:
+                write_atomic(
+                    self.config.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
+                )
+
+    async def _sync_periodically(self) -> None:
+        """The once-a-second fsync promise, kept by time and off the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_SYNC_EVERY_S)
+            try:
+                await loop.run_in_executor(None, self._ledger.sync)
+            except LedgerError as exc:
+                self._ledger_error = exc
+                self.request_stop(StopReason.LEDGER, f"{exc}; stopped starting requests. Free space, then rerun.")
+
+    def _pending_records(self) -> Iterator[_Pending]:
+        """Every request still to buy: not answered yet, or answered for a request that changed since."""
+        answers = self._answers
         cfg = self.config
         source: Iterable[PromptRecord] = (
             self.records
             if self.records is not None  # an empty sample runs nothing, not everything
-            else jobs.iter_records(self.inputs, default_model=cfg.default_model, jobs=cfg.jobs)
+            else jobs.iter_records(self.inputs, **self._input_options())
         )
-        if not len(done):
-            yield from source
+        if cfg.shard is not None:
+            source = (r for r in source if in_shard(r.id, cfg.shard))
+        if cfg.samples > 1:
+            source = (dataclasses.replace(r, sample=i) for r in source for i in range(cfg.samples))
+        prepared = ((r, body, request_fingerprint(body, r.sample)) for r in source for body in (self._request_body(r),))
+        if not len(answers):
+            yield from prepared
             return
-        # Resume: look ids up a batch at a time (one vectorised search) rather than one by one.
-        records = iter(source)
-        for batch in iter(lambda: list(itertools.islice(records, 512)), []):
-            finished = done.contains([r.id for r in batch]).tolist()
-            self.summary.skipped += sum(finished)
-            yield from (r for r, skip in zip(batch, finished, strict=True) if not skip)
+        # Resume: look keys up a batch at a time (one vectorised search) rather than one by one.
+        items = iter(prepared)
+        s = self.summary
+        for batch in iter(lambda: list(itertools.islice(items, 512)), []):
+            done, stale = answers.lookup([row_key(r.id, r.sample) for r, _, _ in batch], [fp for _, _, fp in batch])
+            s.skipped += int(done.sum())
+            s.stale += int(stale.sum())
+            yield from (item for item, skip in zip(batch, done.tolist(), strict=True) if not skip)
 
-    async def _worker(self, records: Iterator[PromptRecord], session: Any, policy: RetryPolicy, url: str) -> None:
-        throttle = self.throttle
-        watch = self._watch
-        for rec in records:
+    async def _worker(self, records: Iterator[_Pending], session: Any, policy: RetryPolicy, url: str) -> None:
+        for rec, body_obj, fingerprint in records:
             if self._stop_reason is not None:
                 return
-            reserved = await self._admit(rec) if self.budget is not None else 0.0
+            worst = self._worst_case(rec, body_obj)
+            reserved = await self._admit(rec, worst) if self.budget is not None else 0.0
             if reserved is None:
                 return
-            body = orjson.dumps(self._request_body(rec))
-            headers = request_headers(rec.id)
+            await self._serve(rec, body_obj, fingerprint, worst, reserved, session, policy, url)
+            if self._stop_reason is not None:
+                return
 
-            async def attempt(body: bytes = body, headers: dict[str, str] = headers) -> Completion:
+    async def _serve(
+        self,
+        rec: PromptRecord,
+        body_obj: dict[str, Any],
+        fingerprint: str,
+        worst: float | None,
+        reserved: float,
+        session: Any,
+        policy: RetryPolicy,
+        url: str,
+    ) -> None:
+        """Buy one answer (with its retries, and its re-asks when it does not fit the schema); write its row."""
+        throttle = self.throttle
+        watch = self._watch
+        intents = self._intents
+        headers = request_headers(rec.id)
+        key = row_key(rec.id, rec.sample)
+        tries = 0
+
+        def attempt_with(body: bytes, worst: float | None) -> Callable[[], Awaitable[Completion]]:
+            async def attempt() -> Completion:
+                nonlocal tries
                 await throttle.acquire()
                 try:
+                    if tries:
+                        self.retrying = max(0, self.retrying - 1)
+                    tries += 1
+                    intents.started(key, tries, fingerprint, worst)
                     return await stream_completion(session, url, body, headers, watch)
+                except RetryableError:
+                    self.retrying += 1
+                    raise
                 finally:
                     throttle.release()
 
-            started_at = _utc_now()
-            t0 = time.monotonic()
-            self.in_flight += 1
-            try:
-                outcome = await policy.run(attempt)
-            except asyncio.CancelledError as exc:
-                self._record_interrupted(rec, getattr(exc, "received_tokens", 0), started_at, time.monotonic() - t0)
-                raise
-            finally:
-                self.in_flight -= 1
-                if self.budget is not None:
-                    self._release_probe(rec.model)
-            if outcome.completion is not None:
-                throttle.on_success()
-            spent = self._record(rec, outcome, started_at, time.monotonic() - t0)
-            if self.budget is not None:
-                self.budget.settle(reserved, spent)
-            if self._stop_reason is not None:
-                return
+            return attempt
 
-    def _record_interrupted(self, rec: PromptRecord, tokens: int, started_at: str, latency: float) -> None:
+        started_at = _utc_now()
+        t0 = time.monotonic()
+        prior: list[Outcome] = []  # paid answers a re-ask replaced
+        verdict: Verdict | None = None
+        self.in_flight += 1
+        try:
+            outcome = await policy.run(attempt_with(orjson.dumps(body_obj), worst))
+            verdict, follow_up = self._follow_up(outcome, body_obj, len(prior))
+            while follow_up is not None:
+                again = self._worst_case(rec, follow_up)
+                if self.budget is not None and (again is None or not self.budget.try_reserve(again)):
+                    break  # no budget for a re-ask: keep the answer we have
+                self._settle_outcome(rec, outcome, prior)
+                prior.append(outcome)
+                reserved += again or 0.0
+                body_obj = follow_up
+                outcome = await policy.run(attempt_with(orjson.dumps(follow_up), again))
+                verdict, follow_up = self._follow_up(outcome, body_obj, len(prior))
+        except asyncio.CancelledError as exc:
+            self._record_interrupted(
+                rec, fingerprint, getattr(exc, "received_tokens", 0), started_at, time.monotonic() - t0
+            )
+            raise
+        finally:
+            self.in_flight -= 1
+            if self.budget is not None:
+                self._release_probe(rec.model)
+        if isinstance(outcome.error, RetryableError):
+            self.retrying = max(0, self.retrying - 1)  # its last failure was final, not a retry
+        if outcome.completion is not None:
+            throttle.on_success()
+        spent = self._record(rec, fingerprint, outcome, started_at, time.monotonic() - t0, prior, verdict)
+        if self.budget is not None:
+            self.budget.settle(reserved, spent)
+
+    def _follow_up(
+        self, outcome: Outcome, body: dict[str, Any], reasks: int
+    ) -> tuple[Verdict | None, dict[str, Any] | None]:
+        """The verdict on a structured answer, and the re-ask to send next (None: this answer stands)."""
+        comp = outcome.completion
+        schema = self.schema
+        if comp is None or (schema is None and self.config.on_length != "reask"):
+            return None, None
+        verdict = schema.check(comp.content) if schema is not None else None
+        if reasks >= self.config.reask or self._stop_reason is not None:
+            return verdict, None
+        if comp.finish_reason == "length" and self.config.on_length == "reask":
+            return verdict, AnswerSchema.reask_after_length(body, comp.content)
+        if verdict is not None and not verdict.valid:
+            return verdict, AnswerSchema.reask(body, comp.content, verdict.error or "invalid")
+        return verdict, None
+
+    def _settle_outcome(self, rec: PromptRecord, outcome: Outcome, prior: list[Outcome]) -> None:
+        """A paid answer about to be replaced by a re-ask: count it now (it is in the row's totals)."""
+        self.summary.reasks += 1
+
+    def _record_interrupted(
+        self, rec: PromptRecord, fingerprint: str, tokens: int, started_at: str, latency: float
+    ) -> None:
         """A stream abandoned after tokens arrived may have been billed: record it as unconfirmed."""
         if not tokens:
-            return
+            return  # its intent stays open: counted as possibly billed when the run closes
         err = Interrupted("abandoned mid-stream by a second signal; the prompt is retried on resume")
-        self._record(rec, Outcome(error=err, attempts=1, cut_tokens=tokens), started_at, latency)
+        self._record(rec, fingerprint, Outcome(error=err, attempts=1, cut_tokens=tokens), started_at, latency)
         with contextlib.suppress(LedgerError):
             self._ledger.flush()
+            self._intents.flush()
 
     def _request_body(self, rec: PromptRecord) -> dict[str, Any]:
         body = {**self.config.chat_defaults, **rec.body} if self.config.chat_defaults else dict(rec.body)
@@ -247,11 +403,23 @@ class Runner:
             if not messages or messages[0].get("role") != "system":
                 body["messages"] = [{"role": "system", "content": system}, *messages]
         body["model"] = rec.model
+        if self.schema is not None and "response_format" not in body:
+            body["response_format"] = self.schema.response_format()
         body["stream"] = True
         body["stream_options"] = _STREAM_OPTIONS
         return body
 
-    async def _admit(self, rec: PromptRecord) -> float | None:
+    def _worst_case(self, rec: PromptRecord, body: dict[str, Any]) -> float | None:
+        """What the server could bill for this request at most: its max_tokens, else the API's default."""
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            max_tokens = self.config.default_max_tokens
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            max_tokens *= n
+        return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, max_tokens)
+
+    async def _admit(self, rec: PromptRecord, worst: float | None) -> float | None:
         """Reserve the prompt's worst case under --max-cost; None when the budget stops the run.
 
         Before a model's price is known nothing bounds a request, so one probe per model runs
@@ -262,17 +430,16 @@ class Runner:
         while True:
             if self._stop_reason is not None:
                 return None
-            max_tokens = rec.body.get("max_tokens") or rec.body.get("max_completion_tokens")
-            if not isinstance(max_tokens, int):
-                max_tokens = max(256, 2 * self._longest_completion.get(rec.model, 0))
-            worst = budget.worst_case(rec.model, rec.prompt_chars, max_tokens)
+            if worst is None:
+                worst = budget.worst_case(rec.model, rec.prompt_chars, self.config.default_max_tokens)
             if worst is None:
                 probe = self._probes.get(rec.model)
                 if probe is not None:
                     await probe.wait()
+                    worst = None
                     continue
                 if budget.spent >= budget.cap_usd:
-                    worst = float("inf")  # fall through to the stop below
+                    worst = math.inf  # fall through to the stop below
                 else:
                     self._probes[rec.model] = asyncio.Event()
                     return 0.0
@@ -280,8 +447,8 @@ class Runner:
                 return worst
             s = self.summary
             self.request_stop(
-                "budget",
-                f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent:.6f} spent "
+                StopReason.BUDGET,
+                f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent + budget.reserved:.6f} spent or in flight "
                 f"(${s.total_cost_usd:.6f} confirmed, ~${s.unconfirmed_cost_usd:.6f} unconfirmed), "
                 f"${budget.left_usd:.6f} left, not enough for the next prompt's worst case "
                 f"(${worst:.6f}). Rerun with a higher --max-cost to resume.",
@@ -297,6 +464,7 @@ class Runner:
     # -- bookkeeping -----------------------------------------------------------------------------
 
     def _on_failed_attempt(self, exc: ApiError) -> None:
+        self.last_error = f"{exc.kind}: {exc}"
         if isinstance(exc, RateLimited):
             self.summary.rate_limited += 1
             self.throttle.on_rate_limited(exc.retry_after)
@@ -305,89 +473,95 @@ class Runner:
         if not isinstance(exc, ConnectFailed):
             self._any_response = True
 
-    def _record(self, rec: PromptRecord, outcome: Outcome, started_at: str, latency: float) -> float:
-        """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed)."""
+    def _record(
+        self,
+        rec: PromptRecord,
+        fingerprint: str,
+        outcome: Outcome,
+        started_at: str,
+        latency: float,
+        prior: Sequence[Outcome] = (),
+        verdict: Verdict | None = None,
+    ) -> float:
+        """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed).
+
+        ``prior``: paid answers that re-asks replaced; their cost is in this row's totals (and
+        apart, as ``reask_cost_usd``), so the ledger's sum stays what the server billed.
+        """
         s = self.summary
         comp: Completion | None = outcome.completion
-        usage = (comp.usage if comp else None) or {}
-        cut_tokens = outcome.cut_tokens
-        if comp is not None and not usage and comp.received_tokens:
-            cut_tokens += comp.received_tokens  # [DONE] without a usage chunk: nothing confirms the cost
-        total_cost = usage.get("total_cost_usd") or 0.0
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
-        if usage and prompt_tokens is not None and completion_tokens is not None:
-            self.prices.learn(rec.model, prompt_tokens, completion_tokens, total_cost, rec.prompt_chars)
-            if completion_tokens > self._longest_completion.get(rec.model, 0):
-                self._longest_completion[rec.model] = completion_tokens
-        unconfirmed: float | None = 0.0
-        if cut_tokens:
-            unconfirmed = self.prices.estimate(rec.model, rec.prompt_chars, cut_tokens)
-            if unconfirmed is None:
-                self._unpriced.append((rec.model, rec.prompt_chars, cut_tokens))
-            else:
-                self._unconfirmed.add(unconfirmed)
+        charge = self.accounts.charge(rec, comp, outcome.cut_chars, outcome.cut_tokens)
+        attempts, causes = outcome.attempts, outcome.causes
+        reask_cost = 0.0
+        if prior:
+            earlier = [self.accounts.charge(rec, o.completion, o.cut_chars, o.cut_tokens) for o in prior]
+            reask_cost = math.fsum(c.spent for c in earlier)
+            charge = combine_charges([*earlier, charge])
+            attempts += sum(o.attempts for o in prior)
+            causes = [c for o in prior for c in o.causes] + ["reask"] * len(prior) + causes
+            s.reask_cost_usd += reask_cost
         err = outcome.error
-        status = "ok" if comp is not None else "failed"
-        row = {
-            "v": LEDGER_VERSION,
-            "id": rec.id,
-            "job": rec.job,
-            "run_id": self.run_id,
-            "model": rec.model,
-            "status": status,
-            "content": comp.content if comp else "",
-            "finish_reason": comp.finish_reason if comp else None,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": usage.get("total_tokens"),
-            "base_cost_usd": usage.get("base_cost_usd") or 0.0,
-            "platform_fee_usd": usage.get("platform_fee_usd") or 0.0,
-            "total_cost_usd": total_cost,
-            "unconfirmed_completion_tokens": cut_tokens,
-            "unconfirmed_cost_usd": unconfirmed,
-            "attempts": outcome.attempts,
-            "retry_causes": outcome.causes,
-            "started_at": started_at,
-            "ttft_s": round(comp.ttft_s, 6) if comp and comp.ttft_s is not None else None,
-            "latency_s": round(latency, 6),
-            "error": err.as_record() if err else None,
-        }
+        if comp is not None and comp.finish_reason == "length":
+            s.length_cut += 1
+            if self.config.on_length == "fail":
+                err = LengthCut("the answer was cut at max_tokens (finish_reason: length); --on-length fail")
+        row = make_row(
+            rec,
+            run_id=self.run_id,
+            fingerprint=fingerprint,
+            completion=comp,
+            error=err,
+            charge=charge,
+            attempts=attempts,
+            retry_causes=causes,
+            started_at=started_at,
+            latency_s=latency,
+            failed=err is not None,
+        )
+        if verdict is not None:
+            row.update(verdict.as_row())
+            if not verdict.valid:
+                s.invalid += 1
+        if prior:
+            row["reasks"] = len(prior)
+            row["reask_cost_usd"] = reask_cost
         self._ledger.append(row)
+        self._intents.finished(row_key(rec.id, rec.sample))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
         s.requests += 1
         s.retries += outcome.attempts - 1
-        if comp is not None:
+        if comp is not None and err is None:
             s.ok += 1
             self._any_response = True
-            if total_cost:
-                self._confirmed.add(total_cost)
-                s.total_cost_usd += total_cost
-            s.prompt_tokens += prompt_tokens or 0
-            s.completion_tokens += completion_tokens or 0
+            s.total_cost_usd += charge.total_cost_usd
+            s.prompt_tokens += charge.prompt_tokens or 0
+            s.completion_tokens += charge.completion_tokens or 0
         else:
             s.failed += 1
             kind = err.kind if err else "unknown"
             s.failures_by_cause[kind] = s.failures_by_cause.get(kind, 0) + 1
+            s.total_cost_usd += charge.total_cost_usd
             self._on_final_error(err)
-        if unconfirmed:
-            s.unconfirmed_cost_usd += unconfirmed
-        return total_cost + (unconfirmed or 0.0)
+        if charge.unconfirmed_cost_usd:
+            s.unconfirmed_cost_usd += charge.unconfirmed_cost_usd
+        for w in charge.warnings:
+            s.warnings[w] = s.warnings.get(w, 0) + 1
+        return charge.spent
 
     def _on_final_error(self, err: ApiError | None) -> None:
         if isinstance(err, InsufficientBalance):
             self.request_stop(
-                "balance",
-                f"GonkaGate says the balance is spent (HTTP 402: {err.message}). Top up, then rerun the "
+                StopReason.BALANCE,
+                f"GonkaGate says the balance is spent (HTTP {err.status}: {err.message}). Top up, then rerun the "
                 "same command to resume: finished answers are kept and not bought again.",
             )
         elif isinstance(err, AuthError):
-            self.request_stop("auth", f"GonkaGate rejected the API key (HTTP {err.status}: {err.message}).")
+            self.request_stop(StopReason.AUTH, f"GonkaGate rejected the API key (HTTP {err.status}: {err.message}).")
         elif isinstance(err, ConnectFailed) and not self._any_response:
-            self.request_stop("unreachable", f"{err.message}; check --base-url and the network.")
+            self.request_stop(StopReason.UNREACHABLE, f"{err.message}; check --base-url and the network.")
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -397,7 +571,9 @@ class Runner:
             # A full disk: rows stay queued for the next flush, and no new prompt starts, since
             # an answer that cannot be recorded would be bought again by the next run.
             self._ledger_error = exc
-            self.request_stop("ledger", f"{exc}; stopped starting requests. Free space, then rerun to resume.")
+            self.request_stop(StopReason.LEDGER, f"{exc}; stopped starting requests. Free space, then rerun to resume.")
+            return
+        self._intents.flush()
 
     def _finish(self) -> None:
         s = self.summary
@@ -405,22 +581,19 @@ class Runner:
         s.slowdowns = self.throttle.slowdowns
         s.min_concurrency = int(self.throttle.min_limit_seen)
         s.outage_pauses = self.throttle.outage_pauses
-        s.total_cost_usd = self._confirmed.value
+        s.total_cost_usd = self.accounts.confirmed.value
         # Cut attempts seen before any price was known get priced with what the run learnt since.
-        still_unpriced = 0
-        for model, chars, tokens in self._unpriced:
-            est = self.prices.estimate(model, chars, tokens)
-            if est is None:
-                still_unpriced += tokens
-            else:
-                self._unconfirmed.add(est)
-        s.unconfirmed_cost_usd = self._unconfirmed.value
-        s.unconfirmed_unpriced_tokens = still_unpriced
+        s.unconfirmed_unpriced_tokens = self.accounts.settle_unpriced()
+        s.unconfirmed_cost_usd = self.accounts.unconfirmed.value
+        s.possibly_billed_attempts = self._possibly_billed.attempts
+        s.possibly_billed_usd = self._possibly_billed.usd
+        s.possibly_billed_unpriced = self._possibly_billed.unpriced
         reason = self._stop_reason
-        if reason is None and s.failed:
-            reason = "failed"
-        s.stop_reason = self._stop_reason
-        s.exit_code = EXIT_CODES.get(reason, 1)
+        s.stop_reason = reason.value if reason is not None else None
+        if reason is None:
+            s.exit_code = StopReason.FAILED.exit_code if s.failed else 0
+        else:
+            s.exit_code = reason.exit_code
 
 
 async def run(inputs: Sequence[str | Path], config: RunConfig) -> RunSummary:

@@ -23,9 +23,9 @@ import orjson
 import pytest
 from clitools import BATCHGATE, Sim, env
 
-CONCURRENCY = 24
+CONCURRENCY = 32
 PROMPTS = 1500
-KILLS = 5
+KILLS = 10
 # Stalls are left out on purpose: a stream the client gave up on can still be billed "completed"
 # by a stalled server, which would blur the "billed twice only if in flight at a kill" accounting.
 FAULTS = [
@@ -151,10 +151,11 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, simulator: Sim) -
         billed = simulator.settle()
         kills.append(Kill(Snapshot.parse(ledger.read_bytes()), billed, after))
 
-    res = run_to_end(args)
+    res = run_to_end([*args, "--json"])
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     simulator.settle()
+    final_summary = orjson.loads(res.stdout.strip().splitlines()[-1])
 
     final = ledger.read_bytes()
     final_snap = Snapshot.parse(final)
@@ -222,7 +223,15 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, simulator: Sim) -
     )
     assert ledger_total <= billed_total + 1e-9
     assert abs(billed_total - ledger_total - lost_total) < 1e-9, (billed_total, ledger_total, lost_total)
+    # The crashes are never silent about money: the attempts they left in flight are counted as possibly
+    # billed, at their worst case, and that figure bounds what was really bought twice.
+    assert final_summary["possibly_billed_attempts"] >= twice, (final_summary, twice)
+    assert final_summary["possibly_billed_attempts"] <= KILLS * CONCURRENCY
+    if not final_summary["possibly_billed_unpriced"]:
+        assert final_summary["possibly_billed_usd"] >= lost_total - 1e-12, (final_summary, lost_total)
     print(
+        f"possibly billed {final_summary['possibly_billed_attempts']} attempts "
+        f"(${final_summary['possibly_billed_usd']:.6f}, {final_summary['possibly_billed_unpriced']} unpriced); "
         f"kills after {[k.after_rows for k in kills]} rows; billed twice per kill {per_kill} (total {twice}); "
         f"torn tails {sum(1 for k in kills if k.snapshot.torn)}; lost spend ${lost_total:.6f}"
     )

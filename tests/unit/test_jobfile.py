@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,44 @@ def test_missing_job_file(tmp_path: Path) -> None:
 def test_shipped_jobs_load_and_their_prompts_exist(name: str) -> None:
     spec = load_job(REPO / "jobs" / name)
     assert all(p.exists() for p in spec.inputs)
+
+
+def test_template_keys_text_or_file_relative_to_the_job(tmp_path: Path) -> None:
+    spec = load_job(
+        write(
+            tmp_path,
+            'inputs = ["rows.csv"]\nmodel = "m"\ntemplate = "Q: {{ q }}"\nsystem_template_file = "sys.j2"\n'
+            'id_column = "id"\n',
+        )
+    )
+    assert spec.settings == {
+        "default_model": "m",
+        "template": "Q: {{ q }}",
+        "system_template": tmp_path / "jobs" / "sys.j2",
+        "id_column": "id",
+    }
+    spec = load_job(write(tmp_path, 'inputs = ["rows.csv"]\ntemplate_file = "t/p.j2"\n'))
+    assert spec.settings == {"template": tmp_path / "jobs" / "t" / "p.j2"}
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('template = "a"\ntemplate_file = "b.j2"\n', "template_file: give either template (the text) or template_file"),
+        ('id_column = "id"\n', "id_column: goes with template or template_file"),
+        ('system_template = "s"\n', "system_template: goes with template"),
+        ('template = "  "\n', "template: must not be empty"),
+        ("template_file = 3\n", "template_file: must be a template file path"),
+        ("template = 3\n", "template: must be str, not int"),
+    ],
+)
+def test_template_key_mistakes(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(JobFileError, match=re.escape(needle)):
+        load_job(write(tmp_path, 'inputs = ["a.csv"]\n' + text))
+
+
+def test_unknown_chat_parameters_are_warnings_with_the_nearest_name(tmp_path: Path) -> None:
+    path = write(tmp_path, 'inputs = ["a.jsonl"]\n[chat]\ntemprature = 0.2\ntop_p = 0.9\n')
+    spec = load_job(path)
+    assert spec.chat == {"temprature": 0.2, "top_p": 0.9}
+    assert spec.warnings == [f"{path}: chat.temprature: unknown chat parameter temprature: did you mean temperature?"]

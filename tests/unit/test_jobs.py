@@ -494,11 +494,30 @@ def _check_accounting(lines: list[bytes]) -> ValidationReport:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.jsonl"
         path.write_bytes(b"\n".join(lines))
-        report = validate([path], default_model=MODEL)
+        data = path.read_bytes()
+        try:
+            report = validate([path], default_model=MODEL)
+        except InputError as exc:  # a binary file: one message for the file, never one per line
+            assert str(exc).startswith(f"{path}: "), exc
+            if data.startswith(MAGIC):
+                return ValidationReport()
+            assert str(exc).startswith(f"{path}: looks like "), exc
+            assert b"\x00" in data or data[:2] in (b"\xff\xfe", b"\xfe\xff") or not _is_utf8(lines)
+            with pytest.raises(InputError, match="looks like"):
+                iter_records([path], default_model=MODEL)
+            return ValidationReport()
+        if data.startswith(MAGIC):  # garbage that starts like a compressed file: a problem, never a crash
+            assert all(str(p).startswith(f"{path}:") for p in report.problems)
+            return report
         # Blank: ASCII whitespace only, after a UTF-8 BOM on the first line.
         non_blank = sum(
             1 for i, raw in enumerate(lines) if (raw[3:] if i == 0 and raw[:3] == b"\xef\xbb\xbf" else raw).strip()
         )
+        if non_blank == 0:  # nothing at all to run is a problem of the whole input
+            assert [str(p) for p in report.problems] == [
+                f"{path}: no prompts: the input is empty or holds only blank lines"
+            ]
+            return report
         assert report.problem_count + report.records == non_blank
         assert len(report.problems) == report.problem_count  # at most 8 lines: all kept
         for p in report.problems:
@@ -514,6 +533,17 @@ def _check_accounting(lines: list[bytes]) -> ValidationReport:
             yielded = list(iter_records([path], default_model=MODEL))
             assert len(yielded) == report.records + report.problem_count
     return report
+
+
+MAGIC = (b"\x1f\x8b", b"BZh", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00", b"PAR1")
+
+
+def _is_utf8(lines: list[bytes]) -> bool:
+    try:
+        b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @PROPERTY
@@ -570,7 +600,7 @@ def valid_line(draw: st.DrawFn, rid: str) -> tuple[dict[str, Any], dict[str, Any
 
 
 @PROPERTY
-@given(st.data(), st.lists(st.text(min_size=1).filter(str.strip), unique=True, max_size=6))
+@given(st.data(), st.lists(st.text(min_size=1).filter(str.strip), unique=True, min_size=1, max_size=6))
 def test_valid_records_round_trip(data: st.DataObject, ids: list[str]) -> None:
     cases = [data.draw(valid_line(rid)) for rid in ids]
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,7 +93,7 @@ def make_row(
         "latency_s": latency,
         "error": None if ok else {"type": (list(causes) or ["server_error"])[-1], "status": 503, "message": "x"},
     }
-    assert tuple(row) == LEDGER_FIELDS  # the helper follows the schema, in order
+    assert tuple(row) == LEDGER_FIELDS[: len(row)]  # the helper follows the (v1) schema, in order
     return row
 
 

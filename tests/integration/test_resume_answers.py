@@ -1,0 +1,238 @@
+"""Resume keyed by (id, sample) and the request fingerprint; shards; intents and possibly-billed spend."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchgate.config import RunConfig
+from batchgate.errors import LedgerError
+from batchgate.ledger import INTENTS_DIR, LEDGER_NAME, POSSIBLY_BILLED_NAME, SPILL_NAME, Ledger
+from batchgate.runner import Runner, in_shard
+from batchgate.simulator import SimulatorConfig, running_simulator
+
+
+def write_prompts(path: Path, prompts: dict[str, str]) -> Path:
+    path.write_text("".join(orjson.dumps({"id": k, "prompt": v}).decode() + "\n" for k, v in prompts.items()))
+    return path
+
+
+def config(out: Path, url: str, **kw: Any) -> RunConfig:
+    base: dict[str, Any] = dict(
+        out_dir=out,
+        api_key="gp-test",
+        base_url=url,
+        default_model="sim-model",
+        concurrency=8,
+        max_attempts=4,
+        backoff_base_s=0.001,
+        backoff_max_s=0.01,
+        idle_timeout_s=2.0,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in (out / LEDGER_NAME).read_bytes().splitlines()]
+
+
+PROMPTS = {f"q{i}": f"question number {i}" for i in range(12)}
+
+
+async def test_an_edited_prompt_is_asked_again_and_supersedes_its_old_answer(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        first = await Runner([src], config(out, sim.base_url)).run()
+        write_prompts(src, {**PROMPTS, "q3": "a different question now"})
+        second = await Runner([src], config(out, sim.base_url)).run()
+        billed = len(sim.billing.completed())
+    assert first.ok == 12 and first.stale == 0
+    assert (second.requests, second.stale, second.skipped) == (1, 1, 11)
+    assert billed == 13  # the unchanged answers were not bought twice
+    q3 = [r for r in rows(out) if r["id"] == "q3"]
+    assert len(q3) == 2 and q3[0]["fingerprint"] != q3[1]["fingerprint"]
+    assert all(len(r["fingerprint"]) == 32 for r in rows(out))
+
+
+async def test_a_changed_default_model_reruns_every_prompt(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        await Runner([src], config(out, sim.base_url)).run()
+        again = await Runner([src], config(out, sim.base_url, default_model="other-model")).run()
+        same = await Runner([src], config(out, sim.base_url, default_model="other-model")).run()
+    assert (again.stale, again.requests) == (12, 12)
+    assert (same.requests, same.skipped, same.stale) == (0, 12, 0)
+
+
+async def test_v1_rows_without_a_fingerprint_are_trusted_on_resume(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    v1 = {"v": 1, "id": "q0", "status": "ok", "content": "old", "total_cost_usd": 0.001}
+    (out / LEDGER_NAME).write_bytes(orjson.dumps(v1) + b"\n")
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        summary = await Runner([src], config(out, sim.base_url)).run()
+    assert (summary.skipped, summary.requests, summary.stale) == (1, 11, 0)
+
+
+async def test_samples_are_rows_of_their_own_and_resume_per_sample(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", dict(list(PROMPTS.items())[:4]))
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=2)) as sim:
+        first = await Runner([src], config(out, sim.base_url, samples=3)).run()
+        again = await Runner([src], config(out, sim.base_url, samples=3)).run()
+        more = await Runner([src], config(out, sim.base_url, samples=4)).run()
+    assert (first.ok, first.requests) == (12, 12)
+    assert (again.requests, again.skipped) == (0, 12)
+    assert (more.requests, more.skipped) == (4, 12)
+    keys = sorted((r["id"], r["sample"]) for r in rows(out))
+    assert keys == sorted((f"q{i}", s) for i in range(4) for s in range(4))
+    assert len({r["fingerprint"] for r in rows(out)}) == 16  # the sample index is part of the question
+
+
+async def test_shards_split_the_ids_disjointly_and_completely(tmp_path: Path) -> None:
+    many = {f"p{i}": f"prompt {i}" for i in range(60)}
+    src = write_prompts(tmp_path / "p.jsonl", many)
+    seen: list[str] = []
+    async with running_simulator(SimulatorConfig(seed=4)) as sim:
+        for k in (1, 2, 3):
+            runner = Runner([src], config(tmp_path / f"s{k}", sim.base_url, shard=(k, 3)))
+            summary = await runner.run()
+            assert summary.ok == runner.total
+            seen += [r["id"] for r in rows(tmp_path / f"s{k}")]
+    assert sorted(seen) == sorted(many)
+    assert all(in_shard(pid, (1, 1)) for pid in many)
+
+
+def _crashed_intents(out: Path, run_id: str, lines: list[dict[str, Any]]) -> None:
+    (out / INTENTS_DIR).mkdir(parents=True, exist_ok=True)
+    data = b"".join(orjson.dumps(x) + b"\n" for x in lines) + b'{"k": "torn'
+    (out / INTENTS_DIR / f"{run_id}.jsonl").write_bytes(data)
+
+
+async def test_attempts_a_crashed_run_left_in_flight_are_counted_as_possibly_billed_for_good(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    _crashed_intents(
+        out,
+        "20261201T000000Z-dead00",
+        [
+            {"k": "q1", "a": 1, "fp": None, "w": 0.01},
+            {"k": "q1", "a": 2, "fp": None, "w": 0.01},  # a retry in flight too: both may be billed
+            {"k": "q2", "a": 1, "fp": None, "w": 0.5},
+            {"k": "q2", "done": True},  # its row was written: not possibly billed
+            {"k": "q3", "a": 1, "fp": None, "w": None},  # no price known then
+        ],
+    )
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        first = await Runner([src], config(out, sim.base_url)).run()
+        later = await Runner([src], config(out, sim.base_url)).run()
+    for s in (first, later):  # a later clean run still shows what earlier crashes may have cost
+        assert (s.possibly_billed_attempts, s.possibly_billed_unpriced) == (3, 1)
+        assert s.possibly_billed_usd == pytest.approx(0.02)
+    assert list((out / INTENTS_DIR).iterdir()) == []  # resolved, and clean runs leave none behind
+    recorded = [orjson.loads(x) for x in (out / POSSIBLY_BILLED_NAME).read_bytes().splitlines()]
+    assert [r["run_id"] for r in recorded] == ["20261201T000000Z-dead00"]
+    run_file = orjson.loads((out / "runs" / f"{later_run_id(out)}.json").read_bytes())
+    assert run_file["summary"]["possibly_billed_attempts"] == 3 and "api_key" not in run_file["config"]
+
+
+def later_run_id(out: Path) -> str:
+    return sorted(p.stem for p in (out / "runs").glob("*.json"))[-1]
+
+
+async def test_a_symlinked_ledger_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (out / LEDGER_NAME).symlink_to(target)
+    with pytest.raises(LedgerError, match="symbolic link"):
+        await Runner([src], config(out, "http://127.0.0.1:9/v1")).run()
+    assert target.read_text() == "keep me\n"
+
+
+async def test_damaged_middle_lines_are_named_and_skipped(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        await Runner([src], config(out, sim.base_url)).run()
+        lines = (out / LEDGER_NAME).read_bytes().splitlines()
+        lines[4] = b"\x00\x00garbage"
+        lines[6] = orjson.dumps({**orjson.loads(lines[6]), "id": 17})
+        (out / LEDGER_NAME).write_bytes(b"\n".join(lines) + b"\n")
+        runner = Runner([src], config(out, sim.base_url))
+        summary = await runner.run()
+    assert summary.requests == 2 and summary.skipped == 10
+    assert any("2 damaged line(s)" in n and "line 5, 7" in n for n in runner.notices)
+
+
+def test_rows_a_full_disk_refused_are_spilled_and_folded_back_in(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.open()
+    ledger.append({"id": "a", "status": "ok"})
+    ledger.flush()
+    good = ledger._fd
+    assert good is not None
+    ledger._fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+    ledger.append({"id": "b", "status": "ok"})
+    with pytest.raises(LedgerError, match="saved to"):
+        ledger.close()
+    os.close(good)
+    assert (tmp_path / SPILL_NAME).exists()
+    index = Ledger(tmp_path).open()
+    assert index.spilled_rows == 1 and "b" in index.answers and "a" in index.answers
+    assert not (tmp_path / SPILL_NAME).exists()
+
+
+def test_the_resume_index_covers_the_ledger_and_a_hand_edit_makes_it_rebuild(tmp_path: Path) -> None:
+    from batchgate.ledger import INDEX_NAME
+
+    def row(rid: str, status: str = "ok", fingerprint: str | None = None) -> dict[str, Any]:
+        return {"v": 2, "id": rid, "status": status, "fingerprint": fingerprint}
+
+    def fp(i: int) -> str:
+        return f"{i + 1:016x}" * 2
+
+    led = Ledger(tmp_path)
+    led.open()
+    for i in range(50):
+        led.append(row(f"r{i}", "ok" if i % 5 else "failed", fp(i)))
+    led.close()
+    assert (tmp_path / INDEX_NAME).exists()
+    with (tmp_path / LEDGER_NAME).open("ab") as f:  # rows appended after the index (a killed run's)
+        f.write(orjson.dumps(row("late")) + b"\n")
+    index = Ledger(tmp_path).open()
+    assert index.from_cache and index.rows == 51 and index.failed_rows == 10
+    assert "late" in index.answers and "r1" in index.answers and "r0" not in index.answers
+    done, stale = index.answers.lookup(["r1", "r2"], [fp(1), fp(99)])
+    assert done.tolist() == [True, False] and stale.tolist() == [False, True]
+    # Rewritten by hand (same size even): the index no longer matches the bytes it covered.
+    data = (tmp_path / LEDGER_NAME).read_bytes().replace(b'"r1"', b'"x1"')
+    (tmp_path / LEDGER_NAME).write_bytes(data)
+    index = Ledger(tmp_path).open()
+    assert not index.from_cache and "x1" in index.answers and "r1" not in index.answers
+    (tmp_path / INDEX_NAME).write_bytes(b"garbage")
+    index = Ledger(tmp_path).open()
+    assert not index.from_cache and index.rows == 51
+
+
+async def test_a_table_with_a_template_runs_and_an_edited_cell_is_asked_again(tmp_path: Path) -> None:
+    table = tmp_path / "rows.csv"
+    table.write_text("key,text\na,water cycle\nb,photosynthesis\n")
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        cfg = config(out, sim.base_url, template="Explain {{ text }} briefly.", id_column="key")
+        first = await Runner([table], cfg).run()
+        table.write_text("key,text\na,water cycle\nb,plate tectonics\n")
+        second = await Runner([table], cfg).run()
+    assert (first.ok, second.requests, second.stale, second.skipped) == (2, 1, 1, 1)
+    assert sorted(r["id"] for r in rows(out)) == ["a", "b", "b"]
