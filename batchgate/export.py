@@ -162,9 +162,19 @@ def export(
             )
         # The ledger names each answer's model; this only keeps lines without one from failing.
         model = default_model or next((r.default_model for r in runs if r.default_model), None) or "unknown"
+        if "-" in (str(p) for p in paths):
+            raise InputError(f"{out}: the run read its prompts from stdin; pass them again with --inputs FILE...")
         run = next((r for r in runs if r.inputs), runs[0])
         names = run.jobs if not inputs and run.jobs and len(run.jobs) == len(paths) else None
-        records = jobs.iter_records(paths, default_model=model, jobs=names, **run.input_options)
+        records = jobs.iter_records(
+            paths,
+            default_model=model,
+            jobs=names,
+            template=run.template,
+            system_template=run.system_template,
+            id_column=run.id_column,
+            strict=False,  # warnings were the run's business; the same prompts are wanted here
+        )
     if chat_defaults is None:
         chat_defaults = next((r.chat_defaults for r in runs if r.chat_defaults), {})
     if system_prompt is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import re
 from array import array
@@ -24,10 +25,9 @@ import numpy as np
 import orjson
 
 from .errors import InputError
-from .ledger import LEDGER_NAME, complete_end
+from .ledger import INTENTS_DIR, LEDGER_NAME, LOCK_NAME, complete_end, read_possibly_billed
 
 __all__ = [
-    "INTENTS_NAME",
     "RunFile",
     "Status",
     "find_output_dirs",
@@ -38,8 +38,6 @@ __all__ = [
     "status",
 ]
 
-INTENTS_NAME = "intents.jsonl"
-LOCK_NAME = ".batchgate.lock"
 _SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 
@@ -73,7 +71,7 @@ def is_shard_dir(path: str | Path) -> bool:
 
 
 def _is_output_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (LEDGER_NAME, "run.json", "runs", LOCK_NAME, INTENTS_NAME))
+    return any((path / name).exists() for name in (LEDGER_NAME, "run.json", "runs", LOCK_NAME, INTENTS_DIR))
 
 
 # -- the run file -----------------------------------------------------------------------------------
@@ -94,7 +92,10 @@ class RunFile:
     chat_defaults: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None
     jobs: list[str] | None = None
-    input_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for iter_records
+    template: str | Path | None = None  # a Path when the run's template was a file
+    system_template: str | Path | None = None
+    id_column: str | None = None
+    strict: bool = False
     total: int | None = None  # rows the run set out to write (prompts x samples), when known
     run_id: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -135,11 +136,28 @@ def _run_file(path: Path, data: dict[str, Any]) -> RunFile:
         chat_defaults=dict(pick("chat_defaults") or {}),
         system_prompt=pick("system_prompt"),
         jobs=pick("jobs"),
-        input_options=_obj(pick("input_options")),
+        template=_template(pick("template"), base),
+        system_template=_template(pick("system_template"), base),
+        id_column=pick("id_column"),
+        strict=bool(pick("strict")),
         total=total if isinstance(total, int) and not isinstance(total, bool) else None,
         run_id=data.get("run_id") or summary.get("run_id"),
         summary=summary,
     )
+
+
+def _template(value: Any, base: Path) -> str | Path | None:
+    """A template as the run file keeps it: a string that names an existing file is that file."""
+    if not isinstance(value, str | dict) or not value:
+        return None
+    if isinstance(value, dict):  # {"path": ...} or {"text": ...}, should the run file say which
+        path, text = value.get("path"), value.get("text")
+        return Path(path) if isinstance(path, str) else text if isinstance(text, str) else None
+    if "{{" not in value and "{%" not in value and "\n" not in value:
+        for candidate in (Path(value), base / value):
+            if candidate.is_file():
+                return candidate
+    return value
 
 
 def _obj(value: Any) -> dict[str, Any]:
@@ -221,6 +239,8 @@ class Status:
     unconfirmed_usd: float = 0.0
     possibly_billed_usd: float = 0.0  # worst case of attempts started (intents) with no row yet
     possibly_billed_attempts: int = 0
+    possibly_billed_unpriced: int = 0  # of those, attempts whose worst case had no price yet
+    in_flight: int = 0  # attempts of the live run sent and not finished yet
     cached: int = 0
     rate_per_s: float | None = None  # rows per second of the newest run
     eta_s: float | None = None  # only while a run holds the lock and the total is known
@@ -251,7 +271,9 @@ class Status:
                 "unconfirmed_usd": round(self.unconfirmed_usd, 9),
                 "possibly_billed_usd": round(self.possibly_billed_usd, 9),
                 "possibly_billed_attempts": self.possibly_billed_attempts,
+                "possibly_billed_unpriced": self.possibly_billed_unpriced,
             },
+            "in_flight": self.in_flight,
             "cached": self.cached,
             "rate_per_s": None if self.rate_per_s is None else round(self.rate_per_s, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s),
@@ -286,6 +308,8 @@ def status(out: str | Path) -> Status:
         total.unconfirmed_usd += p.unconfirmed_usd
         total.possibly_billed_usd += p.possibly_billed_usd
         total.possibly_billed_attempts += p.possibly_billed_attempts
+        total.possibly_billed_unpriced += p.possibly_billed_unpriced
+        total.in_flight += p.in_flight
         total.cached += p.cached
         total.running = total.running or p.running
         total.pids += p.pids
@@ -311,14 +335,13 @@ def _dir_status(out_dir: Path) -> Status:
     if pid is not None:
         st.pids.append(pid)
     ledger = out_dir / LEDGER_NAME
-    scan = _scan_ledger(ledger, want_row_keys=(out_dir / INTENTS_NAME).exists()) if ledger.exists() else _Scan()
+    scan = _scan_ledger(ledger) if ledger.exists() else _Scan()
     st.rows, st.unreadable_lines, st.cached = scan.rows, scan.unreadable, scan.cached
     st.confirmed_usd, st.unconfirmed_usd = scan.confirmed, scan.unconfirmed
     st.last_error, st.last_row_at = scan.last_error, scan.last_row_at
     st.last_run_id = scan.last_run_id or run.run_id
     st.done, st.failed, st.failures_by_cause = scan.counts()
-    if (out_dir / INTENTS_NAME).exists():
-        st.possibly_billed_attempts, st.possibly_billed_usd = _open_intents(out_dir / INTENTS_NAME, scan.row_keys())
+    _add_possibly_billed(st, out_dir)
     span = scan.runs.get(st.last_run_id or "")
     if span is not None and span[2] > span[0] and span[1] >= 2:
         st.rate_per_s = span[1] / (span[2] - span[0])
@@ -337,7 +360,6 @@ class _Scan:
         self.failed_keys = array("Q")
         self.failed_causes = array("H")
         self.cause_names: dict[str, int] = {}
-        self.run_keys = array("Q")  # (id, sample, run_id) of every row, for the intents
         self.runs: dict[str, list[float]] = {}  # run_id -> [first start, rows, last finish] (epoch s)
         self.last_run_id: str | None = None
         self.last_row_at: str | None = None
@@ -364,13 +386,8 @@ class _Scan:
         by_cause = {names[int(v)]: int(c) for v, c in zip(values, counts, strict=True)}
         return len(ok), len(keys), dict(sorted(by_cause.items(), key=lambda kv: (-kv[1], kv[0])))
 
-    def row_keys(self) -> np.ndarray[Any, np.dtype[np.uint64]]:
-        keys = np.frombuffer(self.run_keys, dtype=np.uint64).copy()
-        keys.sort()
-        return keys
 
-
-def _scan_ledger(path: Path, *, want_row_keys: bool) -> _Scan:
+def _scan_ledger(path: Path) -> _Scan:
     scan = _Scan()
     loads = orjson.loads
     for line in _complete_lines(path):
@@ -402,8 +419,6 @@ def _scan_ledger(path: Path, *, want_row_keys: bool) -> _Scan:
                 "at": row.get("started_at"),
                 "run_id": run_id or None,
             }
-        if want_row_keys:
-            scan.run_keys.append(_key64(rid, sample, run_id))
         cost = row.get("total_cost_usd") or 0.0
         if row.get("cost_status") == "unconfirmed":
             scan.unconfirmed += cost
@@ -438,22 +453,56 @@ def _time_row(scan: _Scan, row: dict[str, Any], run_id: str) -> None:
         scan.last_row_at = finished
 
 
-def _open_intents(path: Path, row_keys: np.ndarray[Any, np.dtype[np.uint64]]) -> tuple[int, float]:
-    """Attempts started (``intents.jsonl``) whose prompt has no row from that run: maybe billed."""
-    attempts, worst = 0, 0.0
+def _add_possibly_billed(st: Status, out_dir: Path) -> None:
+    """Attempts sent that never ended in a row: recorded ones, crashed runs' leftovers, and those in flight.
+
+    ``possibly_billed.jsonl`` holds what earlier runs resolved; an ``intents/<run_id>.jsonl`` is
+    the log of a run still going (its open attempts are in flight now) or of one that died and
+    that no run has resolved yet (its open attempts count as possibly billed).
+    """
+    recorded = read_possibly_billed(out_dir)
+    st.possibly_billed_attempts += recorded.attempts
+    st.possibly_billed_usd += recorded.usd
+    st.possibly_billed_unpriced += recorded.unpriced
+    logs = sorted((out_dir / INTENTS_DIR).glob("*.jsonl")) if (out_dir / INTENTS_DIR).is_dir() else []
+    for n, log in enumerate(logs):
+        attempts, usd, unpriced = _open_attempts(log)
+        if st.running and n == len(logs) - 1:  # the live run's own log (run ids sort by start time)
+            st.in_flight += attempts
+        else:
+            st.possibly_billed_attempts += attempts
+            st.possibly_billed_usd += usd
+            st.possibly_billed_unpriced += unpriced
+
+
+def _open_attempts(path: Path) -> tuple[int, float, int]:
+    """(attempts, worst USD, attempts without a price) started in an intents log and not done.
+
+    Lines are ``{"k": key, "a": attempt, "w": worst_usd}`` before a send and ``{"k": key,
+    "done": true}`` once the key's row is in the ledger; memory holds only the open keys.
+    """
+    open_: dict[str, list[float]] = {}
     for line in _complete_lines(path):
         try:
-            intent = orjson.loads(line)
-            key = _key64(intent["id"], intent.get("sample") or 0, intent.get("run_id") or "")
+            obj = orjson.loads(line)
+            key = obj["k"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             continue
-        if len(row_keys):
-            at = min(int(np.searchsorted(row_keys, np.uint64(key))), len(row_keys) - 1)
-            if int(row_keys[at]) == key:
-                continue
-        attempts += 1
-        worst += intent.get("worst_usd") or 0.0
-    return attempts, worst
+        if obj.get("done"):
+            open_.pop(key, None)
+            continue
+        entry = open_.setdefault(key, [0, 0.0, 0])
+        entry[0] += 1
+        worst = obj.get("w")
+        if isinstance(worst, int | float) and not isinstance(worst, bool) and math.isfinite(worst):
+            entry[1] += float(worst)
+        else:
+            entry[2] += 1
+    return (
+        int(sum(e[0] for e in open_.values())),
+        math.fsum(e[1] for e in open_.values()),
+        int(sum(e[2] for e in open_.values())),
+    )
 
 
 def _complete_lines(path: Path) -> Iterator[bytes]:
@@ -469,8 +518,8 @@ def _complete_lines(path: Path) -> Iterator[bytes]:
             yield line
 
 
-def _key64(rid: Any, sample: Any, run_id: str | None = None) -> int:
-    text = f"{rid}\x00{sample}" if run_id is None else f"{rid}\x00{sample}\x00{run_id}"
+def _key64(rid: Any, sample: Any) -> int:
+    text = f"{rid}\x00{sample}"
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
@@ -495,6 +544,8 @@ def format_status(st: Status) -> str:
             f" ({st.possibly_billed_attempts} attempts with no row)"
         )
     lines.append(spend)
+    if st.in_flight:
+        lines.append(f"  in flight {st.in_flight} attempts sent, not finished yet")
     if st.rate_per_s:
         eta = f", ETA {_duration(st.eta_s)}" if st.eta_s is not None else ""
         lines.append(f"  rate      {st.rate_per_s:.2f} prompts/s (run {st.last_run_id}){eta}")

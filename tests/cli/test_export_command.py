@@ -81,7 +81,10 @@ def test_export_every_format(demo_run: Path, tmp_path: Path, monkeypatch: pytest
 
 
 def test_export_errors_are_one_line_and_exit_2(demo_run: Path, tmp_path: Path) -> None:
-    res = bg("export", str(demo_run), "--to", str(tmp_path / "x.jsonl"), key=None)
+    bare = tmp_path / "bare"  # a ledger without the run file that names its inputs
+    bare.mkdir()
+    (bare / "results.jsonl").write_bytes((demo_run / "results.jsonl").read_bytes())
+    res = bg("export", str(bare), "--to", str(tmp_path / "x.jsonl"), key=None)
     assert res.returncode == 2 and "--inputs" in res.stderr and "Traceback" not in res.stderr
     res = bg("export", str(tmp_path / "nope"), "--to", str(tmp_path / "x.jsonl"), key=None)
     assert res.returncode == 2 and "no such directory" in res.stderr
@@ -154,3 +157,88 @@ def test_shard_dirs_export_as_one(demo_run: Path, tmp_path: Path) -> None:
     st = orjson.loads(bg("status", str(tmp_path / "out"), "--json", key=None).stdout)
     assert st["shards"] == 2 and st["rows"] == len(rows)
     assert os.path.exists(tmp_path / "out" / "shard-1-of-2" / "results.jsonl")
+
+
+MODEL = "Qwen/Qwen3-32B-FP8"
+
+
+def test_a_csv_with_a_template_and_3_samples_to_every_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset walkthrough: table rows + template + samples, exported with nothing but OUT."""
+    from openai.types.chat import ChatCompletion
+
+    table = tmp_path / "reviews.csv"
+    table.write_text('id,text,stars\nr1,Great pan,5\nr2,"Burns, badly",1\nr3,Fine,3\n')
+    out = tmp_path / "out"
+    res = bg(
+        "run", str(table), "--prompt", "Summarise: {{ text }}", "--id-column", "id", "--samples", "3",
+        "--model", MODEL, "--simulate", "--out", str(out), "--no-report", "-q", "--sim-token-delay", "0",
+        key=None,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+
+    assert bg("export", str(out), "--to", str(tmp_path / "c.jsonl"), key=None).returncode == 0
+    chat = [orjson.loads(x) for x in (tmp_path / "c.jsonl").read_bytes().splitlines()]
+    assert [(r["id"], r["sample"]) for r in chat] == [(i, s) for i in ("r1", "r2", "r3") for s in range(3)]
+    assert chat[3]["messages"][0] == {"role": "user", "content": "Summarise: Burns, badly"}
+    assert chat[3]["meta"] == {"stars": "1"}  # the columns the template does not use
+    assert len({(r["run_id"], r["id"], r["sample"]) for r in chat}) == 9
+
+    assert (
+        bg("export", str(out), "--format", "openai-batch", "--to", str(tmp_path / "b.jsonl"), key=None).returncode == 0
+    )
+    batch = [orjson.loads(x) for x in (tmp_path / "b.jsonl").read_bytes().splitlines()]
+    assert [b["custom_id"] for b in batch][:3] == ["r1", "r1#1", "r1#2"]
+    for b in batch:
+        ChatCompletion.model_validate(b["response"]["body"])
+
+    assert bg("export", str(out), "--format", "parquet", "--to", str(tmp_path / "x.parquet"), key=None).returncode == 0
+    assert pq.read_table(tmp_path / "x.parquet").column("sample").to_pylist() == [0, 1, 2] * 3
+
+    assert bg("export", str(out), "--format", "hf", "--to", str(tmp_path / "ds"), key=None).returncode == 0
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    datasets = pytest.importorskip("datasets")
+    train = datasets.load_dataset("parquet", data_dir=str(tmp_path / "ds"), cache_dir=str(tmp_path / "cache"))["train"]
+    assert train.num_rows == 9 and train[3]["messages"][0]["content"] == "Summarise: Burns, badly"
+
+
+def test_three_shards_as_three_processes_export_and_status_as_one(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.jsonl", 60)
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            [
+                BATCHGATE,
+                "run",
+                str(src),
+                "--shard",
+                f"{k}/3",
+                "--model",
+                MODEL,
+                "--simulate",
+                "--out",
+                str(out),
+                "--no-report",
+                "-q",
+                "--sim-token-delay",
+                "0",
+            ],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (1, 2, 3)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["shard-1-of-3", "shard-2-of-3", "shard-3-of-3"]
+    res = bg("export", str(out), "--to", str(tmp_path / "all.jsonl"), key=None)
+    assert res.returncode == 0, res.stderr
+    ids = [orjson.loads(x)["id"] for x in (tmp_path / "all.jsonl").read_bytes().splitlines()]
+    assert ids == [f"p{i}" for i in range(60)]  # complete, in input order, each once
+    st = orjson.loads(bg("status", str(out), "--json", key=None).stdout)
+    assert (st["shards"], st["done"], st["total"], st["failed"]) == (3, 60, 60, 0)
+    assert sum(s["done"] for s in st["shard_status"]) == 60 and all(s["done"] for s in st["shard_status"])

@@ -67,20 +67,47 @@ def test_spend_splits_confirmed_and_unconfirmed(tmp_path: Path) -> None:
     assert st.cached == 1
 
 
-def test_intents_without_a_row_are_possibly_billed(tmp_path: Path) -> None:
-    run = "20261201T000000Z-aaaaaa"
-    out = write_ledger(tmp_path / "out", [v2_row("a", run_id=run)])
-    intents = [
-        {"v": 1, "id": "a", "sample": 0, "attempt": 1, "run_id": run, "fingerprint": "f", "worst_usd": 0.01},
-        {"v": 1, "id": "b", "sample": 0, "attempt": 1, "run_id": run, "fingerprint": "f", "worst_usd": 0.02},
-        {"v": 1, "id": "b", "sample": 0, "attempt": 2, "run_id": run, "fingerprint": "f", "worst_usd": 0.02},
-        {"v": 1, "id": "a", "sample": 0, "attempt": 1, "run_id": "other-run", "fingerprint": "f", "worst_usd": 0.04},
-    ]
-    (out / "intents.jsonl").write_bytes(b"".join(orjson.dumps(i) + b"\n" for i in intents) + b'{"id": "torn')
+def intents_log(out: Path, run_id: str, lines: list[dict[str, Any]], tail: bytes = b"") -> None:
+    (out / "intents").mkdir(exist_ok=True)
+    (out / "intents" / f"{run_id}.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines) + tail)
+
+
+def test_possibly_billed_recorded_and_left_by_a_crash(tmp_path: Path) -> None:
+    out = write_ledger(tmp_path / "out", [v2_row("a")])
+    recorded = {"v": 1, "run_id": "r0", "attempts": 2, "usd": 0.5, "unpriced": 1}
+    (out / "possibly_billed.jsonl").write_bytes(orjson.dumps(recorded) + b"\n")
+    intents_log(
+        out,
+        "r1",  # a run that died: nobody has resolved its log yet
+        [
+            {"k": "a\x000", "a": 1, "fp": "f", "w": 0.01},
+            {"k": "a\x000", "done": True},
+            {"k": "b\x000", "a": 1, "fp": "f", "w": 0.02},
+            {"k": "b\x000", "a": 2, "fp": "f", "w": 0.02},
+            {"k": "c\x000", "a": 1, "fp": "f", "w": None},
+        ],
+        tail=b'{"k": "torn',
+    )
     st = status(out)
-    assert st.possibly_billed_attempts == 3
-    assert st.possibly_billed_usd == pytest.approx(0.08)
+    assert st.possibly_billed_attempts == 2 + 3
+    assert st.possibly_billed_usd == pytest.approx(0.5 + 0.04)
+    assert st.possibly_billed_unpriced == 1 + 1
+    assert st.in_flight == 0
     assert "possibly billed" in format_status(st)
+
+
+def test_the_live_runs_open_attempts_are_in_flight(tmp_path: Path) -> None:
+    out = write_ledger(tmp_path / "out", [v2_row("a")])
+    intents_log(out, "20261201T000000Z-old", [{"k": "x\x000", "a": 1, "w": 0.25}])
+    intents_log(out, "20261201T010000Z-new", [{"k": "y\x000", "a": 1, "w": 0.5}, {"k": "z\x000", "a": 1, "w": 0.5}])
+    lock = lock_output_dir(out)
+    try:
+        st = status(out)
+    finally:
+        lock.release()
+    assert st.running and st.in_flight == 2
+    assert st.possibly_billed_attempts == 1 and st.possibly_billed_usd == pytest.approx(0.25)
+    assert "in flight" in format_status(st)
 
 
 def test_rate_of_the_newest_run(tmp_path: Path) -> None:
