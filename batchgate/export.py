@@ -162,9 +162,15 @@ def export(
             )
         # The ledger names each answer's model; this only keeps lines without one from failing.
         model = default_model or next((r.default_model for r in runs if r.default_model), None) or "unknown"
+        run = next((r for r in runs if r.inputs), runs[0])
         if "-" in (str(p) for p in paths):
             raise InputError(f"{out}: the run read its prompts from stdin; pass them again with --inputs FILE...")
-        run = next((r for r in runs if r.inputs), runs[0])
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing and not inputs:
+            raise InputError(
+                f"{missing[0]}: no such file (named by {run.path}, relative to where the run started); "
+                "export from that directory or pass --inputs FILE..."
+            )
         names = run.jobs if not inputs and run.jobs and len(run.jobs) == len(paths) else None
         records = jobs.iter_records(
             paths,

@@ -125,7 +125,7 @@ def _run_file(path: Path, data: dict[str, Any]) -> RunFile:
 
     inputs = pick("inputs") or []
     base = path.parent.parent if path.parent.name == "runs" else path.parent
-    resolved = [str(p) if Path(p).is_absolute() or Path(p).exists() else str(base / p) for p in inputs]
+    resolved = [str(base / p) if not Path(p).exists() and (base / p).exists() else str(p) for p in inputs]
     total = pick("total")
     if total is None:
         total = summary.get("total")

@@ -271,3 +271,30 @@ def test_export_is_the_latest_ok_row_of_each_key(tmp_path_factory: Any, events: 
     assert [(r["id"], r["sample"]) for r in got] == sorted(want, key=lambda k: (ids.index(k[0]), k[1]))
     assert {(r["id"], r["sample"]): r["request_id"] for r in got} == want
     assert result.unmatched_rows == len({(p, s) for p, s, _ in events if p >= n_prompts})
+
+
+def test_inputs_the_run_file_names_but_that_are_gone(tmp_path: Path) -> None:
+    out = write_ledger(tmp_path / "out", [v2_row("a")])
+    (out / "runs").mkdir()
+    (out / "runs" / "r1.json").write_bytes(orjson.dumps({"inputs": ["prompts/moved.jsonl"], "config": {}}))
+    with pytest.raises(InputError, match=r"moved.jsonl: no such file .*--inputs"):
+        export(out, tmp_path / "x.jsonl")
+    (out / "runs" / "r1.json").write_bytes(orjson.dumps({"inputs": ["-"], "config": {}}))
+    with pytest.raises(InputError, match="stdin"):
+        export(out, tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_table_with_a_template_file_named_by_the_run_file(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("id,text,topic\nq1,hello,greeting\n")
+    template = tmp_path / "prompt.j2"
+    template.write_text("Reply to: {{ text }}")
+    out = write_ledger(tmp_path / "out", [v2_row("q1", meta=None)])
+    (out / "runs").mkdir()
+    config = {"template": str(template), "id_column": "id", "default_model": "m/small"}
+    (out / "runs" / "r1.json").write_bytes(orjson.dumps({"inputs": [str(table)], "config": config}))
+    export(out, tmp_path / "x.jsonl")
+    (row,) = read_jsonl(tmp_path / "x.jsonl")
+    assert row["messages"][0] == {"role": "user", "content": "Reply to: hello"}
+    assert row["meta"] == {"topic": "greeting"}
