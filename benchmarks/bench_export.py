@@ -91,8 +91,8 @@ def _row(rid: str, sample: int, run: str, status: str) -> dict[str, object]:
     }
 
 
-def measure(args: list[str]) -> tuple[float, float, int]:
-    """(wall s, peak RSS MiB, exit code) of one command."""
+def measure(args: list[str]) -> tuple[float, float, float, int]:
+    """(wall s, CPU s, peak RSS MiB, exit code) of one command (CPU is the steadier figure on a busy host)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -103,7 +103,7 @@ def measure(args: list[str]) -> tuple[float, float, int]:
         proc.stderr.close()
         if err.strip():
             print(err, file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
 def main() -> None:
@@ -120,18 +120,17 @@ def main() -> None:
         print(f"wrote {opts.rows:,} prompts, a {size / 2**20:.0f} MiB ledger in {time.perf_counter() - t0:.1f}s")
         py = [sys.executable, "-m", "batchgate"]
         floor = measure([sys.executable, "-c", "import batchgate.cli, batchgate.export"])
-        print(f"{'command':<28} {'wall s':>8} {'peak RSS MiB':>13}")
-        print(f"{'(imports only)':<28} {floor[0]:>8.1f} {floor[1]:>13.0f}")
+        print(f"{'command':<28} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13}")
+        print(f"{'(imports only)':<28} {floor[0]:>8.1f} {floor[1]:>8.1f} {floor[2]:>13.0f}")
         for fmt in opts.formats.split(","):
             to = d / f"export.{fmt}"
-            wall, rss, code = measure(
-                [*py, "export", str(out), "--format", fmt, "--to", str(to), "--inputs", str(prompts)]
-            )
+            cmd = [*py, "export", str(out), "--format", fmt, "--to", str(to), "--inputs", str(prompts)]
+            wall, cpu, rss, code = measure(cmd)
             assert code == 0, f"export {fmt} exited {code}"
-            print(f"{'export --format ' + fmt:<28} {wall:>8.1f} {rss:>13.0f}")
-        wall, rss, code = measure([*py, "status", str(out), "--json"])
+            print(f"{'export --format ' + fmt:<28} {wall:>8.1f} {cpu:>8.1f} {rss:>13.0f}")
+        wall, cpu, rss, code = measure([*py, "status", str(out), "--json"])
         assert code == 0
-        print(f"{'status':<28} {wall:>8.1f} {rss:>13.0f}")
+        print(f"{'status':<28} {wall:>8.1f} {cpu:>8.1f} {rss:>13.0f}")
     finally:
         if opts.keep:
             print(f"kept {d}")
