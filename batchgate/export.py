@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import jobs
 from .errors import InputError
-from .ledger import LEDGER_NAME, complete_end
+from .ledger import LEDGER_NAME, SPILL_NAME, complete_end
 from .models import PromptRecord
 from .status import find_output_dirs, read_run_file
 
@@ -150,7 +150,8 @@ def export(
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     dirs = find_output_dirs(out)
-    ledgers = [d / LEDGER_NAME for d in dirs if (d / LEDGER_NAME).is_file()]
+    # A spill file holds rows a full disk refused (the next run folds them in): paid answers too.
+    ledgers = [p for d in dirs for p in (d / LEDGER_NAME, d / SPILL_NAME) if p.is_file()]
     if not ledgers:
         raise InputError(f"{out}: no {LEDGER_NAME} yet: nothing to export")
     runs = [read_run_file(d) for d in dirs]

@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 
 from .errors import InputError
-from .ledger import INTENTS_DIR, LEDGER_NAME, LOCK_NAME, complete_end, read_possibly_billed
+from .ledger import INTENTS_DIR, LEDGER_NAME, LOCK_NAME, SPILL_NAME, complete_end, read_possibly_billed
 
 __all__ = [
     "RunFile",
@@ -334,8 +334,10 @@ def _dir_status(out_dir: Path) -> Status:
     st.running, pid = lock_holder(out_dir)
     if pid is not None:
         st.pids.append(pid)
-    ledger = out_dir / LEDGER_NAME
-    scan = _scan_ledger(ledger) if ledger.exists() else _Scan()
+    scan = _Scan()
+    for ledger in (out_dir / LEDGER_NAME, out_dir / SPILL_NAME):  # spilled rows: a full disk refused them
+        if ledger.exists():
+            _scan_ledger(ledger, scan)
     st.rows, st.unreadable_lines, st.cached = scan.rows, scan.unreadable, scan.cached
     st.confirmed_usd, st.unconfirmed_usd = scan.confirmed, scan.unconfirmed
     st.last_error, st.last_row_at = scan.last_error, scan.last_row_at
@@ -387,8 +389,7 @@ class _Scan:
         return len(ok), len(keys), dict(sorted(by_cause.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _scan_ledger(path: Path) -> _Scan:
-    scan = _Scan()
+def _scan_ledger(path: Path, scan: _Scan) -> None:
     loads = orjson.loads
     for line in _complete_lines(path):
         try:
@@ -428,7 +429,6 @@ def _scan_ledger(path: Path) -> _Scan:
         if row.get("cached"):
             scan.cached += 1
         _time_row(scan, row, run_id)
-    return scan
 
 
 def _time_row(scan: _Scan, row: dict[str, Any], run_id: str) -> None:

@@ -298,3 +298,11 @@ def test_a_table_with_a_template_file_named_by_the_run_file(tmp_path: Path) -> N
     (row,) = read_jsonl(tmp_path / "x.jsonl")
     assert row["messages"][0] == {"role": "user", "content": "Reply to: hello"}
     assert row["meta"] == {"topic": "greeting"}
+
+
+def test_rows_a_full_disk_spilled_are_exported(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a", "b"])
+    out = write_ledger(tmp_path / "out", [v2_row("a"), v2_row("b", status="failed")])
+    (out / "results.spill.jsonl").write_bytes(orjson.dumps(v2_row("b")) + b"\n")
+    result = export(out, tmp_path / "x.jsonl", inputs=[prompts])
+    assert [r["status"] for r in read_jsonl(tmp_path / "x.jsonl")] == ["ok", "ok"] and result.rows == 2

@@ -244,3 +244,9 @@ def test_eta_while_a_run_holds_the_lock(tmp_path: Path) -> None:
     assert st.eta_s == pytest.approx(20 / 2.2)
     assert "ETA 9s" in format_status(st)
     assert status(out).eta_s is None  # finished (or stopped): no ETA
+
+
+def test_rows_a_full_disk_spilled_are_counted(tmp_path: Path) -> None:
+    out = write_ledger(tmp_path / "out", [v2_row("a")])
+    (out / "results.spill.jsonl").write_bytes(orjson.dumps(v2_row("b")) + b"\n")
+    assert status(out).done == 2
