@@ -555,8 +555,15 @@ def _tmp_name(path: Path, tag: str = "tmp") -> Path:
 def _check_file_target(path: Path) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a directory; --to names the file to write")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: no such directory")
+    _make_parent(path)
+
+
+def _make_parent(path: Path) -> None:
+    """``--to dataset/train.jsonl`` makes ``dataset/``; a file in the way is a user error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{path.parent}: not a directory") from None
 
 
 def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -617,8 +624,7 @@ def _write_hf(target: Path, rows: Iterable[dict[str, Any]], result: ExportResult
     """A Hugging Face dataset folder: ``data/train-XXXXX-of-YYYYY.parquet`` plus a README.md card."""
     if target.exists() and not _replaceable(target):
         raise InputError(f"{target}: exists and is not a batchgate export; remove it or choose another --to")
-    if not target.parent.is_dir():
-        raise InputError(f"{target.parent}: no such directory")
+    _make_parent(target)
     tmp = _tmp_name(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -306,3 +306,16 @@ def test_rows_a_full_disk_spilled_are_exported(tmp_path: Path) -> None:
     (out / "results.spill.jsonl").write_bytes(orjson.dumps(v2_row("b")) + b"\n")
     result = export(out, tmp_path / "x.jsonl", inputs=[prompts])
     assert [r["status"] for r in read_jsonl(tmp_path / "x.jsonl")] == ["ok", "ok"] and result.rows == 2
+
+
+def test_the_target_folder_is_made_and_a_file_in_the_way_is_an_error(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a"])
+    out = write_ledger(tmp_path / "out", [v2_row("a")])
+    export(out, tmp_path / "new" / "deep" / "x.jsonl", inputs=[prompts])
+    assert len(read_jsonl(tmp_path / "new" / "deep" / "x.jsonl")) == 1
+    (tmp_path / "blocker").write_text("")
+    for fmt in ("chat-jsonl", "hf"):
+        with pytest.raises(InputError, match="not a directory"):
+            export(out, tmp_path / "blocker" / "x", inputs=[prompts], fmt=fmt)
+    with pytest.raises(InputError, match="is a directory"):
+        export(out, tmp_path / "new", inputs=[prompts])
