@@ -126,7 +126,10 @@ class Accounts:
             c.prompt_tokens = numbers.get("prompt_tokens")
             c.completion_tokens = numbers.get("completion_tokens")
             c.total_tokens = numbers.get("total_tokens")
-            c.warnings = warnings
+            c.warnings = list(dict.fromkeys([*warnings, *(getattr(completion, "warnings", None) or [])]))
+            if raw is None and status == "unconfirmed":
+                kept = getattr(completion, "usage_raw", None)
+                raw = kept if isinstance(kept, dict) else ({"value": kept} if kept is not None else None)
             c.usage_raw = raw
             received = int(getattr(completion, "received_chars", 0) or 0)
             if status in ("confirmed", "derived"):

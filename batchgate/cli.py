@@ -193,7 +193,7 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--sim-fault-rate",
             type=click.FloatRange(0.0, 0.2),
             default=0.0,
-            help="With --simulate: inject each fault type at this rate.",
+            help="With --simulate: share of requests that fault, split evenly over the five fault types.",
         ),
         click.option("--sim-seed", type=int, default=0, help="With --simulate: the simulator's seed."),
         click.option(
@@ -502,16 +502,13 @@ async def _maybe_simulator(opts: dict[str, Any]) -> Any:
         return
     from .simulator import SimulatorConfig, running_simulator
 
-    fault_rate = opts["sim_fault_rate"]
+    # A rehearsal meets what the real API does: the per-key limits are on unless a caller turns them off.
     cfg = SimulatorConfig(
         seed=opts["sim_seed"],
         token_delay_s=opts["sim_token_delay"],
-        reset_rate=fault_rate,
-        stall_rate=fault_rate,
+        fault_rate=opts["sim_fault_rate"],
         stall_s=2.0,
-        rate_limit_rate=fault_rate,
-        server_error_rate=fault_rate,
-        midstream_error_rate=fault_rate,
+        key_limits=opts.get("sim_key_limits", True),
     )
     async with running_simulator(cfg) as sim:
         yield sim.base_url
@@ -808,22 +805,93 @@ def status_command(out_dir: Path, as_json: bool) -> None:
 # -- simulate ---------------------------------------------------------------------------------------
 
 
+def _statuses(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--server-error-statuses: not a comma-separated list of statuses: {text!r}") from None
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=0, show_default=True, help="0 picks a free port.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--token-delay", type=float, default=0.0, show_default=True, help="Seconds between chunks.")
+@click.option(
+    "--fault-rate", type=float, default=0.0, help="Share of requests that fault, split evenly over the five types."
+)
 @click.option("--reset-rate", type=float, default=0.0, help="Share of streams cut mid-way.")
 @click.option("--stall-rate", type=float, default=0.0, help="Share of streams that stall.")
 @click.option("--stall-s", type=float, default=30.0, show_default=True)
 @click.option("--rate-limit-rate", type=float, default=0.0, help="Share of requests answered 429.")
 @click.option("--retry-after", type=float, default=0.05, show_default=True)
-@click.option("--server-error-rate", type=float, default=0.0, help="Share of requests answered 500.")
+@click.option("--server-error-rate", type=float, default=0.0, help="Share of requests answered 5xx.")
+@click.option(
+    "--server-error-statuses",
+    default="500",
+    show_default=True,
+    help="Comma-separated 5xx statuses the server errors pick from (500, 502, 503, 504).",
+)
 @click.option("--midstream-error-rate", type=float, default=0.0, help="Share of streams with an error chunk.")
 @click.option("--min-completion-tokens", type=int, default=8, show_default=True)
 @click.option("--max-completion-tokens", type=int, default=64, show_default=True)
 @click.option("--keepalive-rate", type=float, default=0.0, help="Share of chunks preceded by a keep-alive comment.")
-@click.option("--balance", type=float, default=None, help="USD to bill before answering 402.")
+@click.option(
+    "--rate-limit-code",
+    default="rate_limit_exceeded",
+    show_default=True,
+    help="error.code of injected 429s (e.g. transfer_agent_capacity_reached).",
+)
+@click.option(
+    "--separate-usage-rate",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Share of streams with usage in its own `choices: []` chunk (else in the finish chunk).",
+)
+@click.option("--balance", type=float, default=None, help="USD to bill before answering insufficient_quota.")
+@click.option(
+    "--quota-status",
+    type=click.Choice(["429", "402"]),
+    default="429",
+    show_default=True,
+    help="How a spent balance is answered: 429 insufficient_quota (current docs) or 402 (older pages).",
+)
+@click.option(
+    "--key-limits/--no-key-limits",
+    default=False,
+    show_default=True,
+    help="Enforce GonkaGate's per-key limits (429 rate_limit_exceeded with Retry-After).",
+)
+@click.option("--key-concurrency-limit", type=int, default=50, show_default=True, help="Requests in flight per key.")
+@click.option("--key-rpm-limit", type=int, default=600, show_default=True, help="Requests per minute per key.")
+@click.option("--key-burst-limit", type=int, default=200, show_default=True, help="Requests per burst window per key.")
+@click.option("--key-burst-window", type=float, default=10.0, show_default=True, help="Burst window, seconds.")
+@click.option("--strict-models", is_flag=True, help="Answer 404 model_not_found for a model not in the catalog.")
+@click.option("--account-deactivated", is_flag=True, help="Answer 403 account_deactivated to every /v1 request.")
+@click.option(
+    "--models-unavailable",
+    type=int,
+    default=0,
+    show_default=True,
+    help="The first N GET /v1/models answer 503 (-1: all of them).",
+)
+@click.option("--models-empty", is_flag=True, help="GET /v1/models lists no models.")
+@click.option("--no-account-endpoints", is_flag=True, help="Answer 404 to /api/v1/whoami and /api/v1/public/pricing.")
+@click.option("--price-step-every", type=int, default=None, help="Multiply prices every N billed requests.")
+@click.option("--price-step-factor", type=float, default=2.0, show_default=True)
+@click.option("--ignore-max-tokens", is_flag=True, help="Answers are not cut at a request's max_tokens.")
+@click.option(
+    "--long-answer-rate",
+    type=float,
+    default=0.0,
+    help="Share of prompts answered up to max_tokens (or --default-max-tokens when absent).",
+)
+@click.option("--growth-every", type=int, default=None, help="Answers grow by --growth-factor every N requests.")
+@click.option("--growth-factor", type=float, default=2.0, show_default=True)
+@click.option(
+    "--default-max-tokens", type=int, default=4096, show_default=True, help="Cap when a request has no max_tokens."
+)
 @click.option("--billing-log", type=click.Path(dir_okay=False), default=None, help="Append what was billed as JSONL.")
 @_guard
 def simulate(**opts: Any) -> None:
@@ -835,17 +903,39 @@ def simulate(**opts: Any) -> None:
         cfg = SimulatorConfig(
             seed=opts["seed"],
             token_delay_s=opts["token_delay"],
+            fault_rate=opts["fault_rate"],
             reset_rate=opts["reset_rate"],
             stall_rate=opts["stall_rate"],
             stall_s=opts["stall_s"],
             rate_limit_rate=opts["rate_limit_rate"],
             retry_after_s=opts["retry_after"],
             server_error_rate=opts["server_error_rate"],
+            server_error_statuses=_statuses(opts["server_error_statuses"]),
             midstream_error_rate=opts["midstream_error_rate"],
             min_completion_tokens=opts["min_completion_tokens"],
             max_completion_tokens=opts["max_completion_tokens"],
             keepalive_rate=opts["keepalive_rate"],
+            rate_limit_code=opts["rate_limit_code"],
+            separate_usage_rate=opts["separate_usage_rate"],
             balance_usd=opts["balance"],
+            quota_status=int(opts["quota_status"]),
+            key_limits=opts["key_limits"],
+            key_concurrency_limit=opts["key_concurrency_limit"],
+            key_rpm_limit=opts["key_rpm_limit"],
+            key_burst_limit=opts["key_burst_limit"],
+            key_burst_window_s=opts["key_burst_window"],
+            strict_models=opts["strict_models"],
+            account_deactivated=opts["account_deactivated"],
+            models_unavailable=opts["models_unavailable"],
+            models_empty=opts["models_empty"],
+            account_endpoints=not opts["no_account_endpoints"],
+            price_step_every=opts["price_step_every"],
+            price_step_factor=opts["price_step_factor"],
+            ignore_max_tokens=opts["ignore_max_tokens"],
+            long_answer_rate=opts["long_answer_rate"],
+            growth_every=opts["growth_every"],
+            growth_factor=opts["growth_factor"],
+            default_max_tokens=opts["default_max_tokens"],
             billing_log=opts["billing_log"],
         )
     except ValueError as exc:

@@ -47,6 +47,8 @@ class RunConfig:
     json_mode: str = "json_schema"  # response_format sent: json_schema, or json_object where unsupported
     reask: int = 0  # re-asks (each a paid request) after an answer that does not match the schema
     on_length: str = "keep"  # an answer cut at max_tokens: keep | fail | reask
+    attempt_deadline_s: float | None = None  # longest one attempt may take; default from max_tokens
+    min_tokens_per_s: float = 8.0  # the slowest sane pace: the default deadline is 60 s + max_tokens at it
     check_models: bool = True  # GET /models before the first paid request; unknown models stop the run
 
 

@@ -14,6 +14,7 @@ the form ``batchgate.jobs.validate`` takes.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,9 @@ def load_job(path: str | Path) -> JobSpec:
 
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
-        raise bad(unknown[0], f"unknown key (known: {', '.join(sorted(_KNOWN))})")
+        close = difflib.get_close_matches(unknown[0], sorted(_KNOWN), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise bad(unknown[0], f"unknown key: {hint}(known: {', '.join(sorted(_KNOWN))})")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name:
         raise bad("name", "must be a non-empty string")

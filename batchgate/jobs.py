@@ -101,6 +101,11 @@ _JSON_TYPES = {
     bool: "a boolean",
     type(None): "null",
 }
+# Files written by json.dump rather than as JSON Lines: say how to convert them.
+_PRETTY_HINTS = {
+    b"[": "a JSON array? batchgate reads JSON Lines, one object per line: jq -c '.[]' FILE > FILE.jsonl",
+    b"{": "an object spread over several lines? write each on one line: jq -c . FILE > FILE.jsonl",
+}
 _SNIFF_BYTES = 8192
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
 _COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".zst", ".zstd")
@@ -139,6 +144,8 @@ class ValidationReport:
     # Things sent as written that are probably mistakes (an unknown chat parameter): one per kind,
     # at its first place, "(and N more lines)" after it.  ``strict=True`` makes them problems.
     warnings: list[InputProblem] = field(default_factory=list)
+    # model -> [path, line, count]: where each model is first named, and on how many records
+    models: dict[str, list[Any]] = field(default_factory=dict)
 
     def ok(self) -> bool:
         """True when the run may start: no problem at all."""
@@ -212,19 +219,25 @@ def iter_records(
     system_template: Template | None = None,
     id_column: str | None = None,
     strict: bool = False,
+    start: tuple[int, int] | None = None,
 ) -> Iterator[PromptRecord]:
     """Yield records lazily in file order, for a run whose input already passed ``validate``.
 
-    Takes the same arguments as ``validate``.  Raises ``InputError`` now for a missing or
-    unreadable path (or a bad template), and during iteration on the first bad line or row.
+    Takes the same arguments as ``validate``; ``start`` = (input index, line) skips everything
+    before it (a resume that knows all of that is done), without parsing the JSONL lines it skips.
+    Raises ``InputError`` now for a missing or unreadable path (or a bad template), and during
+    iteration on the first bad line or row.
     """
     ctx = _context(default_model, template, system_template, id_column, strict)
-    return _iter_records(_inputs(paths, jobs, ctx), ctx)
+    return _iter_records(_inputs(paths, jobs, ctx), ctx, start or (0, 0))
 
 
-def _iter_records(inputs: list[_Source], ctx: _Context) -> Iterator[PromptRecord]:
-    for src in inputs:
-        for n, res in _rows(src, ctx):
+def _iter_records(inputs: list[_Source], ctx: _Context, start: tuple[int, int] = (0, 0)) -> Iterator[PromptRecord]:
+    first, line = start
+    for i, src in enumerate(inputs):
+        if i < first:
+            continue
+        for n, res in _rows(src, ctx, line if i == first else 0):
             if res is None:
                 continue
             if isinstance(res, _LineProblem):
@@ -258,6 +271,7 @@ def validate(
     problems: list[InputProblem] = []
     problem_count = records = prompt_chars = 0
     unknown: dict[str, list[Any]] = {}  # parameter -> [path, line, count]
+    models: dict[str, list[Any]] = {}
     empty: list[str] = []
     hashes = array("Q")  # 8 bytes per valid line: the only thing that grows with the input
     add_hash = hashes.frombytes
@@ -274,6 +288,11 @@ def validate(
             records += 1
             prompt_chars += res[3]
             add_hash(_id_digest(res[0]))
+            used = models.get(res[1])
+            if used is None:
+                models[res[1]] = [src.path, n, 1]
+            else:
+                used[2] += 1
             for key in res[5]:
                 seen = unknown.get(key)
                 if seen is None:
@@ -304,7 +323,7 @@ def validate(
         problems = problems[:keep]
     else:
         warnings += [InputProblem(path, 0, _no_prompts(kinds[path])) for path in empty if path not in _paths(problems)]
-    return ValidationReport(problems, problem_count, records, prompt_chars, warnings)
+    return ValidationReport(problems, problem_count, records, prompt_chars, warnings, models)
 
 
 def _more_lines(count: int) -> str:
@@ -532,8 +551,6 @@ def _sniff(path: str, read_path: str, tables: bool) -> tuple[str | None, str]:
     return compression, "jsonl" if first in (b"{", b"") else "csv"
 
 
-
-
 def _needs_template(path: str, kind: str) -> str:
     return (
         f"{path}: is {_TABLE_KINDS[kind]}: pass --template FILE or --prompt TEXT "
@@ -654,21 +671,30 @@ def _read_lines(src: _Source) -> Iterator[tuple[int, bytes]]:
         raise _Broken(f"the {src.compression} data is corrupt or cut short after line {n} ({exc})") from None
 
 
-def _rows(src: _Source, ctx: _Context) -> Iterator[tuple[int, _Parsed | _LineProblem | None]]:
-    """Every line or row of one input, parsed or with its problem; 0 is a problem with the whole input."""
+def _rows(src: _Source, ctx: _Context, skip_before: int = 0) -> Iterator[tuple[int, _Parsed | _LineProblem | None]]:
+    """Every line or row of one input, parsed or with its problem; 0 is a problem with the whole input.
+
+    Lines numbered below ``skip_before`` are passed over unparsed (rows of tables are read, not yielded).
+    """
     if src.kind in ("csv", "tsv", "parquet"):
-        yield from _table_rows(src, ctx)
+        for n, res in _table_rows(src, ctx):
+            if n >= skip_before or n == 0:
+                yield n, res
         return
     n = 0
     try:
         if src.kind == "prompts":
             for n, raw in _read_lines(src):
+                if n < skip_before:
+                    continue
                 try:
                     yield n, _parse(raw, n == 1, ctx)
                 except _LineProblem as exc:
                     yield n, exc
         else:
             for n, raw in _read_lines(src):
+                if n < skip_before:
+                    continue
                 try:
                     yield n, _parse_row_line(raw, n == 1, ctx)
                 except _LineProblem as exc:
@@ -729,7 +755,8 @@ def _load_object(raw: bytes, first: bool) -> dict[str, Any] | None:
             return None
         raise _LineProblem(_json_message(raw, exc)) from None
     if type(obj) is not dict:
-        raise _LineProblem(f"expected a JSON object, got {_JSON_TYPES.get(type(obj), 'a value')}")
+        hint = f" ({_PRETTY_HINTS[b'[']})" if type(obj) is list and obj and type(obj[0]) is dict else ""
+        raise _LineProblem(f"expected a JSON object, got {_JSON_TYPES.get(type(obj), 'a value')}{hint}")
     return obj
 
 
@@ -748,7 +775,8 @@ def _json_message(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return f"not valid UTF-8 (byte {err.start + 1} of the line)"
-    return f"invalid JSON: {exc.msg} at column {exc.colno}"
+    hint = _PRETTY_HINTS.get(raw.strip()[:1]) if raw.strip() in (b"[", b"{") else None
+    return f"invalid JSON: {exc.msg} at column {exc.colno}" + (f" ({hint})" if hint else "")
 
 
 def _parse_chat(obj: dict[str, Any], ctx: _Context) -> _Parsed:
@@ -775,7 +803,8 @@ def _parse_chat(obj: dict[str, Any], ctx: _Context) -> _Parsed:
             chars += len(system)
         obj["messages"] = messages
     elif "messages" not in obj:
-        raise _LineProblem('needs "prompt" or "messages"')
+        close = [k for k in obj if difflib.get_close_matches(k, ("prompt", "messages"), n=1)]
+        raise _LineProblem('needs "prompt" or "messages"' + (f' (is "{close[0]}" a typo?)' if close else ""))
     elif system is not _MISSING:
         raise _LineProblem('"system" goes with "prompt"; with "messages", add a {"role": "system"} message')
     else:

@@ -29,6 +29,7 @@ from .errors import LedgerError, OutputLocked
 __all__ = [
     "LEDGER_NAME",
     "AnswerIndex",
+    "DonePrefix",
     "IdSet",
     "IntentLog",
     "Ledger",
@@ -210,6 +211,7 @@ class ResumeIndex:
     torn_bytes: int = 0  # size of a torn last line set aside into results.torn.jsonl
     spilled_rows: int = 0  # rows folded back in from a spill file an earlier run left
     lines: int = 0  # lines of the ledger read (for the line numbers of damaged ones)
+    prefix: tuple[int, int, int] | None = None  # (input, line, requests before it), all ok: start there
     from_cache: bool = False  # the resume index beside the ledger covered most of it
 
     @property
@@ -233,10 +235,16 @@ class Ledger:
         self._dirty = False
         self._index: ResumeIndex | None = None
         self._added = AnswerIndex()
+        self._prefix: DonePrefix | None = None
+        self._old_full: tuple[dict[str, Any], bytes] | None = None
         self.spilled_to: Path | None = None
 
-    def open(self) -> ResumeIndex:
-        """Repair a torn tail, fold in spilled rows, index the existing rows, open for appending."""
+    def open(self, prefix_key: str | None = None) -> ResumeIndex:
+        """Repair a torn tail, fold in spilled rows, index the existing rows, open for appending.
+
+        ``prefix_key``: the identity of this run's inputs and settings; when the done prefix the
+        last run stored has the same, only the answers beyond it are loaded (``index.prefix``).
+        """
         _ensure_dir(self.out_dir)
         index = ResumeIndex()
         _refuse_symlink(self.path)
@@ -246,11 +254,15 @@ class Ledger:
             raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
         index.torn_bytes = self._repair_tail()
         index.spilled_rows = self._fold_spills()
-        start, lines = _load_index(self.out_dir / INDEX_NAME, self.path, index)
+        start, lines, self._old_full = _load_index(self.out_dir / INDEX_NAME, self.path, index, prefix_key)
         index.from_cache = start > 0
         _index_rows(self.path, index, start, lines)
         self._index = index
         return index
+
+    def set_prefix(self, prefix: DonePrefix | None) -> None:
+        """What :meth:`close` stores beside the answers for the next run's start."""
+        self._prefix = prefix
 
     def append(self, row: dict[str, Any]) -> None:
         """Queue a row; :meth:`flush` writes every queued row in one system call."""
@@ -318,7 +330,7 @@ class Ledger:
             self._index.answers.absorb(self._added)
             self._added = AnswerIndex()
             with contextlib.suppress(OSError):  # the index only saves time; a rerun rebuilds it
-                _save_index(self.out_dir / INDEX_NAME, self.path, self._index)
+                _save_index(self.out_dir / INDEX_NAME, self.path, self._index, self._prefix, self._old_full)
 
     def _spill(self) -> Path | None:
         data = b"".join(self._pending)
@@ -455,7 +467,7 @@ def _index_rows(path: Path, index: ResumeIndex, start: int = 0, lines: int = 0) 
     index.lines = number
 
 
-_INDEX_MAGIC = b"batchgate-index 1\n"
+_INDEX_MAGIC = b"batchgate-index 2\n"
 _TAIL_CHECK = 4096
 
 
@@ -465,54 +477,132 @@ def _tail_digest(path: Path, size: int) -> str:
         return hashlib.blake2b(f.read(min(size, _TAIL_CHECK)), digest_size=16).hexdigest()
 
 
-def _save_index(index_path: Path, ledger: Path, index: ResumeIndex) -> None:
-    """``results.index``: the ok answers of the first ``covered`` bytes, so a resume reads only the rest."""
-    answers = index.answers
+@dataclass(slots=True)
+class DonePrefix:
+    """Every request before (input, line) was answered ok: ``requests`` of them (see ``batchgate.resume``)."""
+
+    key: str  # batchgate.resume.inputs_key of the run that wrote it
+    input: int
+    line: int
+    requests: int
+    beyond: list[tuple[str, str | None]] = field(default_factory=list)  # ok answers past the prefix
+
+
+def _arrays(answers: AnswerIndex) -> list[bytes]:
     answers._freeze()
+    return [a.astype("<u8").tobytes() for a in (answers._hi, answers._lo, answers._fp)]
+
+
+def _save_index(
+    index_path: Path,
+    ledger: Path,
+    index: ResumeIndex,
+    prefix: DonePrefix | None,
+    old_full: tuple[dict[str, Any], bytes] | None,
+) -> None:
+    """``results.index``: the ok answers of the ledger's first bytes, and the done prefix.
+
+    ``old_full``: a run that started from the prefix never loaded every answer; it keeps the
+    full part the index had (covering less of the ledger: a full resume reads the rest).
+    """
     size = ledger.stat().st_size
-    header = {
-        "covered": size,
-        "tail": _tail_digest(ledger, size),
-        "n": len(answers._hi),
-        "rows": index.rows,
-        "failed_rows": index.failed_rows,
-        "unreadable_lines": index.unreadable_lines,
-        "damaged_lines": index.damaged_lines,
-        "lines": index.lines,
-    }
-    parts = [_INDEX_MAGIC, orjson.dumps(header) + b"\n"]
-    parts += [a.astype("<u8").tobytes() for a in (answers._hi, answers._lo, answers._fp)]
-    write_atomic(index_path, parts)
+    tail = _tail_digest(ledger, size)
+    if old_full is None:
+        body = _arrays(index.answers)
+        full = {
+            "covered": size,
+            "tail": tail,
+            "n": len(index.answers._hi),
+            "rows": index.rows,
+            "failed_rows": index.failed_rows,
+            "unreadable_lines": index.unreadable_lines,
+            "damaged_lines": index.damaged_lines,
+            "lines": index.lines,
+        }
+        parts = b"".join(body)
+    else:
+        full, parts = old_full
+    header: dict[str, Any] = {"full": full, "prefix": None}
+    extra = b""
+    if prefix is not None:
+        beyond = AnswerIndex()
+        for key, fp in prefix.beyond:
+            beyond.add(key, fp)
+        extra = b"".join(_arrays(beyond))
+        header["prefix"] = {
+            "key": prefix.key,
+            "covered": size,
+            "tail": tail,
+            "input": prefix.input,
+            "line": prefix.line,
+            "requests": prefix.requests,
+            "m": len(beyond._hi),
+            "lines": index.lines,
+        }
+    write_atomic(index_path, [_INDEX_MAGIC, orjson.dumps(header) + b"\n", parts, extra])
 
 
-def _load_index(index_path: Path, ledger: Path, index: ResumeIndex) -> tuple[int, int]:
-    """(offset to read on from, lines before it); (0, 0) when the index is missing, damaged or stale.
+def _read_index_header(index_path: Path) -> tuple[dict[str, Any], int] | None:
+    if index_path.is_symlink() or not index_path.is_file():
+        return None
+    with open(index_path, "rb") as f:
+        if f.readline() != _INDEX_MAGIC:
+            return None
+        header = orjson.loads(f.readline())
+        return (header, f.tell()) if isinstance(header, dict) else None
 
-    Stale: the ledger is shorter than what the index covers, or the bytes at its covered end
-    differ (rewritten by hand).  Appended rows after it are fine: they are read as usual.
+
+def _valid_cover(part: dict[str, Any], ledger: Path) -> bool:
+    covered = int(part["covered"])
+    return covered <= ledger.stat().st_size and (not covered or _tail_digest(ledger, covered) == part["tail"])
+
+
+def _load_arrays(index_path: Path, offset: int, n: int) -> list[npt.NDArray[np.uint64]] | None:
+    with open(index_path, "rb") as f:
+        f.seek(offset)
+        arrays = [np.frombuffer(f.read(8 * n), dtype="<u8").astype(np.uint64) for _ in range(3)]
+    return arrays if all(len(a) == n for a in arrays) else None
+
+
+def _load_index(
+    index_path: Path, ledger: Path, index: ResumeIndex, prefix_key: str | None
+) -> tuple[int, int, tuple[dict[str, Any], bytes] | None]:
+    """(offset to read the ledger on from, lines before it, the full part kept when starting from the prefix).
+
+    (0, 0, None) when the index is missing, damaged or stale: the ledger shorter than what the
+    index covers, or the bytes at its covered end different (rewritten by hand).  Rows appended
+    after it are fine: they are read as usual.
     """
     try:
-        if index_path.is_symlink() or not index_path.is_file():
-            return 0, 0
-        with open(index_path, "rb") as f:
-            if f.readline() != _INDEX_MAGIC:
-                return 0, 0
-            header = orjson.loads(f.readline())
-            n = int(header["n"])
-            covered = int(header["covered"])
-            arrays = [np.frombuffer(f.read(8 * n), dtype="<u8").astype(np.uint64) for _ in range(3)]
-        if any(len(a) != n for a in arrays) or covered > ledger.stat().st_size:
-            return 0, 0
-        if covered and _tail_digest(ledger, covered) != header["tail"]:
-            return 0, 0
+        found = _read_index_header(index_path)
+        if found is None:
+            return 0, 0, None
+        header, offset = found
+        full, pre = header["full"], header.get("prefix")
+        n = int(full["n"])
+        if pre is not None and prefix_key is not None and pre["key"] == prefix_key and _valid_cover(pre, ledger):
+            arrays = _load_arrays(index_path, offset + 24 * n, int(pre["m"]))
+            if arrays is not None:
+                with open(index_path, "rb") as f:
+                    f.seek(offset)
+                    old_full = f.read(24 * n)
+                index.answers._hi, index.answers._lo, index.answers._fp = arrays
+                index.prefix = (int(pre["input"]), int(pre["line"]), int(pre["requests"]))
+                index.rows = int(full["rows"])
+                return int(pre["covered"]), int(pre["lines"]), (full, old_full)
+        if not _valid_cover(full, ledger):
+            return 0, 0, None
+        arrays = _load_arrays(index_path, offset, n)
+        if arrays is None:
+            return 0, 0, None
     except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
-        return 0, 0
+        return 0, 0, None
     index.answers._hi, index.answers._lo, index.answers._fp = arrays
-    index.rows = int(header["rows"])
-    index.failed_rows = int(header["failed_rows"])
-    index.unreadable_lines = int(header["unreadable_lines"])
-    index.damaged_lines = [int(x) for x in header["damaged_lines"]]
-    return covered, int(header["lines"])
+    index.rows = int(full["rows"])
+    index.failed_rows = int(full["failed_rows"])
+    index.unreadable_lines = int(full["unreadable_lines"])
+    index.damaged_lines = [int(x) for x in full["damaged_lines"]]
+    return int(full["covered"]), int(full["lines"]), None
 
 
 def _write_all(fd: int, data: bytes, path: Path) -> None:

@@ -25,9 +25,18 @@ from typing import Any
 
 import orjson
 
-from . import jobs
+from . import account, jobs, resume
+from .account import Balance
 from .accounting import Accounts, combine_charges
-from .client import Completion, ConnectFailed, StallWatch, make_session, request_headers, stream_completion
+from .client import (
+    AttemptLimits,
+    Completion,
+    ConnectFailed,
+    StallWatch,
+    make_session,
+    request_headers,
+    stream_completion,
+)
 from .config import RunConfig, input_options, public_settings
 from .errors import (
     ApiError,
@@ -41,7 +50,7 @@ from .errors import (
     RetryableError,
 )
 from .fingerprint import request_fingerprint
-from .ledger import IntentLog, Ledger, PossiblyBilled, lock_output_dir, row_key, write_atomic
+from .ledger import DonePrefix, IntentLog, Ledger, PossiblyBilled, lock_output_dir, row_key, write_atomic
 from .models import PromptRecord, RunSummary, StopReason
 from .pricing import Budget, PriceBook
 from .retry import Outcome, RetryPolicy
@@ -71,7 +80,7 @@ def in_shard(prompt_id: str, shard: tuple[int, int] | None) -> bool:
     return h % n == k - 1
 
 
-_Pending = tuple[PromptRecord, dict[str, Any], str]  # record, body to send, its fingerprint
+_Pending = tuple[PromptRecord, dict[str, Any], str, int]  # record, body to send, its fingerprint, its seq
 
 
 class Runner:
@@ -103,13 +112,22 @@ class Runner:
         self._intents = IntentLog(config.out_dir, self.run_id)
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self.throttle = Throttle(config.concurrency, config.rpm)
+        # Key limits off until RunConfig carries key_concurrency / key_rpm / key_burst_10s (lead).
+        self.throttle = Throttle(config.concurrency, config.rpm, key_concurrency=None, key_rpm=None, key_burst_10s=None)
         self.budget = Budget(config.max_cost_usd, self.prices) if config.max_cost_usd is not None else None
         self._probes: dict[str, asyncio.Event] = {}
         self._started = time.monotonic()
         self._any_response = False
         self._ledger_error: LedgerError | None = None
         self._possibly_billed = PossiblyBilled()
+        self._inputs_key: str | None = None
+        self._models: dict[str, list[Any]] = {}  # model -> [path, line, records] of the inputs
+        self.balance: Balance | None = None  # the key's balance at start, where the API tells it
+        self._prefix: tuple[int, int, int] | None = None
+        self._watermark: resume.Watermark | None = None
+        self._seq = 0  # requests seen in input order (done ones included)
+        self._last_pos: tuple[int, int, int] | None = None
+        self._exhausted = False
         self.schema: AnswerSchema | None = (
             AnswerSchema(config.json_schema, mode=config.json_mode, source="--json-schema")
             if config.json_schema is not None
@@ -142,27 +160,40 @@ class Runner:
         another runner owns the output directory.
         """
         cfg = self.config
-        if self.records is None:
+        key = self._inputs_key = resume.inputs_key(self.inputs, self._shaping()) if self.records is None else None
+        validated = resume.load_validation(cfg.out_dir, key)
+        if self.records is not None:
+            self.total = len(self.records) * cfg.samples
+            for r in self.records:
+                used = self._models.setdefault(r.model, [r.path, r.line, 0])
+                used[2] += 1
+        elif validated is not None:  # unchanged since a run validated them: no second look
+            self.total = validated["records"]
+            self._models = dict(validated.get("models") or {})
+            if validated.get("warnings"):
+                self.notices.append(validated["warnings"])
+        else:
             report = jobs.validate(self.inputs, **self._input_options())
             if not report.ok():
                 raise InputError(report.format())
             if report.warnings:
                 self.notices.append(report.format_warnings())
+            self._models = report.models
             if cfg.shard is None:
                 self.total = report.records * cfg.samples
             else:
                 self.total = cfg.samples * sum(
-                    1
-                    for r in jobs.iter_records(self.inputs, **self._input_options())
-                    if in_shard(r.id, cfg.shard)
+                    1 for r in jobs.iter_records(self.inputs, **self._input_options()) if in_shard(r.id, cfg.shard)
                 )
-        else:
-            self.total = len(self.records) * cfg.samples
         lock = lock_output_dir(cfg.out_dir)
         results: list[Any] = []
         clean = False
         try:
-            index = self._ledger.open()
+            if validated is None:
+                notes = "\n".join(self.notices)
+                resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic)
+            index = self._ledger.open(prefix_key=key)
+            self._prefix = index.prefix
             if index.unreadable_lines:
                 lines = ", ".join(map(str, index.damaged_lines))
                 more = "" if index.unreadable_lines <= len(index.damaged_lines) else ", ..."
@@ -190,6 +221,7 @@ class Runner:
             syncer = asyncio.create_task(self._sync_periodically())
             try:
                 async with session:
+                    await self._preflight(session)
                     self._tasks = [
                         asyncio.create_task(self._worker(records, session, policy, url))
                         for _ in range(max(1, cfg.concurrency))
@@ -200,6 +232,7 @@ class Runner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await syncer
                 await self._watch.close()
+                self._ledger.set_prefix(self._done_prefix())
                 try:
                     self._ledger.close()
                 except LedgerError as exc:
@@ -241,6 +274,50 @@ class Runner:
                     self.config.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
                 )
 
+    async def _preflight(self, session: Any) -> None:
+        """Before the first paid request: the catalog has every model, and what the account says.
+
+        ``GET /models`` stops the run (exit 2) on a model the catalog lacks, a rejected key or an
+        unreachable base URL, before anything is spent.  Balance and published prices are
+        optional: absent, the run learns prices from its answers as before.
+        """
+        cfg = self.config
+        if not cfg.check_models:
+            return
+        try:
+            catalog = await account.fetch_catalog(session, cfg.base_url)
+        except AuthError as exc:
+            self.request_stop(StopReason.AUTH, f"GonkaGate rejected the API key ({exc}).")
+            return
+        except ConnectFailed as exc:
+            self.request_stop(StopReason.UNREACHABLE, f"{exc.message}; check --base-url and the network.")
+            return
+        if catalog is None:
+            self.notices.append("the model catalog (GET /models) did not answer; models not checked")
+        else:
+            known = set(catalog)
+            missing = [(m, where) for m, where in self._models.items() if m not in known]
+            if missing:
+                lines = []
+                for model, (path, line, count) in missing:
+                    near = account.nearest_models(model, catalog)
+                    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+                    lines.append(f"{path}:{line}: model {model!r} is not in the catalog ({count} prompt(s)){hint}")
+                self.request_stop(StopReason.UNKNOWN_MODEL, "\n".join(lines))
+                return
+        self.balance = await account.fetch_balance(session, cfg.base_url)
+        prices = await account.fetch_pricing(session, cfg.base_url)
+        for model, price in (prices or {}).items():
+            self.prices.publish(model, price.usd_per_token_total)
+        if self.balance is not None:
+            if cfg.max_cost_usd is not None and cfg.max_cost_usd > self.balance.usd:
+                self.notices.append(
+                    f"--max-cost ${cfg.max_cost_usd:.4f} is more than the balance ${self.balance.usd:.4f}: "
+                    "the balance will run out first"
+                )
+            if self.balance.status in ("low", "suspended"):
+                self.notices.append(f"GonkaGate says the balance is {self.balance.status} (${self.balance.usd:.4f})")
+
     async def _sync_periodically(self) -> None:
         """The once-a-second fsync promise, kept by time and off the event loop."""
         loop = asyncio.get_running_loop()
@@ -252,41 +329,95 @@ class Runner:
                 self._ledger_error = exc
                 self.request_stop(StopReason.LEDGER, f"{exc}; stopped starting requests. Free space, then rerun.")
 
+    def _shaping(self) -> dict[str, Any]:
+        """Every setting that shapes the requests: a change makes the resume shortcuts start over."""
+        cfg = self.config
+        return {
+            **input_options(cfg),
+            "chat_defaults": cfg.chat_defaults,
+            "system_prompt": cfg.system_prompt,
+            "samples": cfg.samples,
+            "shard": cfg.shard,
+            "json_schema": cfg.json_schema,
+            "json_mode": cfg.json_mode,
+        }
+
+    def _done_prefix(self) -> DonePrefix | None:
+        """Where the next run may start reading: before it, every request was answered ok."""
+        mark, key = self._watermark, self._inputs_key
+        if mark is None or key is None or mark.given_up:
+            return None
+        if mark.mark >= self._seq:  # every request read so far was answered ok
+            if self._exhausted:
+                return DonePrefix(key, len(self.inputs), 0, mark.mark)
+            if self._last_pos is None or self._last_pos[2] != self.config.samples - 1:
+                return None
+            i, line, _ = self._last_pos
+            return DonePrefix(key, i, line + 1, mark.mark)
+        found = mark.at_mark()
+        if found is None:
+            return None
+        (i, line, requests), beyond = found
+        return DonePrefix(key, i, line, requests, beyond)
+
     def _pending_records(self) -> Iterator[_Pending]:
         """Every request still to buy: not answered yet, or answered for a request that changed since."""
         answers = self._answers
         cfg = self.config
+        start = self._prefix
+        if start is not None:
+            self.summary.skipped += start[2]
+            self._seq = start[2]
+        self._watermark = resume.Watermark(self._seq, cfg.samples) if self._inputs_key is not None else None
+        positions = {str(p): i for i, p in enumerate(self.inputs)}
         source: Iterable[PromptRecord] = (
             self.records
             if self.records is not None  # an empty sample runs nothing, not everything
-            else jobs.iter_records(self.inputs, **self._input_options())
+            else jobs.iter_records(self.inputs, **self._input_options(), start=(start[0], start[1]) if start else None)
         )
         if cfg.shard is not None:
             source = (r for r in source if in_shard(r.id, cfg.shard))
         if cfg.samples > 1:
             source = (dataclasses.replace(r, sample=i) for r in source for i in range(cfg.samples))
         prepared = ((r, body, request_fingerprint(body, r.sample)) for r in source for body in (self._request_body(r),))
-        if not len(answers):
-            yield from prepared
-            return
-        # Resume: look keys up a batch at a time (one vectorised search) rather than one by one.
         items = iter(prepared)
         s = self.summary
+        watermark = self._watermark
+        # Look keys up a batch at a time (one vectorised search) rather than one by one.
         for batch in iter(lambda: list(itertools.islice(items, 512)), []):
-            done, stale = answers.lookup([row_key(r.id, r.sample) for r, _, _ in batch], [fp for _, _, fp in batch])
-            s.skipped += int(done.sum())
-            s.stale += int(stale.sum())
-            yield from (item for item, skip in zip(batch, done.tolist(), strict=True) if not skip)
+            if len(answers):
+                done, stale = answers.lookup([row_key(r.id, r.sample) for r, _, _ in batch], [fp for _, _, fp in batch])
+                skip = done.tolist()
+                s.skipped += int(done.sum())
+                s.stale += int(stale.sum())
+            else:
+                skip = [False] * len(batch)
+            for (rec, body, fp), done_already in zip(batch, skip, strict=True):
+                seq = self._seq
+                self._seq += 1
+                if watermark is not None:
+                    where = positions.get(rec.path)
+                    if where is None:
+                        watermark.given_up = True
+                    else:
+                        self._last_pos = (where, rec.line, rec.sample)
+                        watermark.seen(seq, (where, rec.line), rec.sample)
+                if done_already:
+                    if watermark is not None:
+                        watermark.complete(seq, row_key(rec.id, rec.sample), fp)
+                    continue
+                yield rec, body, fp, seq
+        self._exhausted = True
 
     async def _worker(self, records: Iterator[_Pending], session: Any, policy: RetryPolicy, url: str) -> None:
-        for rec, body_obj, fingerprint in records:
+        for rec, body_obj, fingerprint, seq in records:
             if self._stop_reason is not None:
                 return
             worst = self._worst_case(rec, body_obj)
             reserved = await self._admit(rec, worst) if self.budget is not None else 0.0
             if reserved is None:
                 return
-            await self._serve(rec, body_obj, fingerprint, worst, reserved, session, policy, url)
+            await self._serve(rec, body_obj, fingerprint, seq, worst, reserved, session, policy, url)
             if self._stop_reason is not None:
                 return
 
@@ -295,6 +426,7 @@ class Runner:
         rec: PromptRecord,
         body_obj: dict[str, Any],
         fingerprint: str,
+        seq: int,
         worst: float | None,
         reserved: float,
         session: Any,
@@ -307,6 +439,7 @@ class Runner:
         intents = self._intents
         headers = request_headers(rec.id)
         key = row_key(rec.id, rec.sample)
+        limits = self._limits(body_obj)
         tries = 0
 
         def attempt_with(body: bytes, worst: float | None) -> Callable[[], Awaitable[Completion]]:
@@ -318,7 +451,7 @@ class Runner:
                         self.retrying = max(0, self.retrying - 1)
                     tries += 1
                     intents.started(key, tries, fingerprint, worst)
-                    return await stream_completion(session, url, body, headers, watch)
+                    return await stream_completion(session, url, body, headers, watch, limits=limits)
                 except RetryableError:
                     self.retrying += 1
                     raise
@@ -359,6 +492,15 @@ class Runner:
         if outcome.completion is not None:
             throttle.on_success()
         spent = self._record(rec, fingerprint, outcome, started_at, time.monotonic() - t0, prior, verdict)
+        if self._watermark is not None:
+            if (
+                outcome.completion is not None
+                and outcome.error is None
+                and not (self.config.on_length == "fail" and outcome.completion.finish_reason == "length")
+            ):
+                self._watermark.complete(seq, row_key(rec.id, rec.sample), fingerprint)
+            else:
+                self._watermark.fail(seq)
         if self.budget is not None:
             self.budget.settle(reserved, spent)
 
@@ -409,15 +551,26 @@ class Runner:
         body["stream_options"] = _STREAM_OPTIONS
         return body
 
-    def _worst_case(self, rec: PromptRecord, body: dict[str, Any]) -> float | None:
-        """What the server could bill for this request at most: its max_tokens, else the API's default."""
+    def _max_tokens(self, body: dict[str, Any]) -> int:
+        """The completion tokens the server may send: the request's max_tokens, else the API's default, x n."""
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             max_tokens = self.config.default_max_tokens
         n = body.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:
             max_tokens *= n
-        return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, max_tokens)
+        return int(max_tokens)
+
+    def _limits(self, body: dict[str, Any]) -> AttemptLimits:
+        """Every attempt ends: a deadline at a slow but sane pace, and a cap on what an answer may hold."""
+        tokens = self._max_tokens(body)
+        cfg = self.config
+        deadline = cfg.attempt_deadline_s or (60.0 + tokens / cfg.min_tokens_per_s)
+        return AttemptLimits(deadline_s=deadline, max_answer_chars=tokens * 4 * 16)  # 4x max_tokens, 16 chars each
+
+    def _worst_case(self, rec: PromptRecord, body: dict[str, Any]) -> float | None:
+        """What the server could bill for this request at most: its max_tokens, else the API's default."""
+        return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, self._max_tokens(body))
 
     async def _admit(self, rec: PromptRecord, worst: float | None) -> float | None:
         """Reserve the prompt's worst case under --max-cost; None when the budget stops the run.

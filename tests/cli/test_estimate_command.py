@@ -24,7 +24,7 @@ def varied_prompts(path: Path, n: int) -> Path:
 def test_estimate_then_run_reuses_the_sample(tmp_path: Path, simulator: Sim) -> None:
     src = varied_prompts(tmp_path / "big.jsonl", 1500)
     out = tmp_path / "out"
-    common = ["--model", "m", "--base-url", simulator.url, "--out", str(out), "--no-report"]
+    common = ["--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "--no-report"]
     est = bg("estimate", str(src), *common[:-1], "--sample", "150", "--seed", "3", "--json")
     assert est.returncode == 0, est.stderr
     assert "95% interval" in est.stdout
@@ -48,7 +48,7 @@ def test_estimate_then_run_reuses_the_sample(tmp_path: Path, simulator: Sim) -> 
 
 def test_sample_of_zero_is_refused(tmp_path: Path) -> None:
     src = varied_prompts(tmp_path / "p.jsonl", 10)
-    res = bg("estimate", str(src), "--model", "m", "--sample", "0", "--simulate")
+    res = bg("estimate", str(src), "--model", "sim-model", "--sample", "0", "--simulate")
     assert res.returncode == 2 and "--sample 0" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -57,7 +57,7 @@ def test_sigint_stops_the_sample_run_like_a_run(tmp_path: Path, simulator: Sim) 
     src = varied_prompts(tmp_path / "p.jsonl", 400)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [BATCHGATE, "estimate", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out),
+        [BATCHGATE, "estimate", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out),
          "--sample", "200", "-c", "4"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

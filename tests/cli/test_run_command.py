@@ -48,7 +48,7 @@ def test_thousand_prompts_with_every_fault(tmp_path: Path, simulator: Sim) -> No
 def test_bad_input_lists_problems_sends_nothing_exits_2(tmp_path: Path) -> None:
     src = tmp_path / "bad.jsonl"
     src.write_text('{"id": "a", "prompt": "fine"}\n{not json\n\n{"id": "a", "prompt": "dup"}\n{"id": "b"}\n')
-    res = bg("run", str(src), "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"))
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert f"{src}:2:" in res.stderr
     assert f"{src}:4:" in res.stderr and "duplicate" in res.stderr
@@ -58,7 +58,7 @@ def test_bad_input_lists_problems_sends_nothing_exits_2(tmp_path: Path) -> None:
 
 
 def test_missing_key_is_one_clear_line(tmp_path: Path) -> None:
-    res = bg("run", str(prompts(tmp_path / "p.jsonl", 3)), "--model", "m", key=None)
+    res = bg("run", str(prompts(tmp_path / "p.jsonl", 3)), "--model", "sim-model", key=None)
     assert res.returncode == 2
     assert "GONKAGATE_API_KEY" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
@@ -66,7 +66,7 @@ def test_missing_key_is_one_clear_line(tmp_path: Path) -> None:
 def test_wrong_key_exits_2_and_never_echoes_it(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 20)
     secret = "sk-this-is-secret-123"
-    res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"), key=secret)
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"), key=secret)
     assert res.returncode == 2
     assert "rejected the API key" in res.stderr
     written = b"".join(p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file())
@@ -78,7 +78,7 @@ def test_key_file_is_used_and_kept_secret(tmp_path: Path, simulator: Sim) -> Non
     key_file.write_text("gp-from-a-file-42\n")
     src = prompts(tmp_path / "p.jsonl", 5)
     out = tmp_path / "o"
-    res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--api-key-file", str(key_file),
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--api-key-file", str(key_file),
              "--out", str(out), key=None)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "gp-from-a-file-42" not in res.stdout + res.stderr + (out / "results.jsonl").read_text()
@@ -91,14 +91,14 @@ def test_unreachable_base_url_is_one_clear_line(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     src = prompts(tmp_path / "p.jsonl", 10)
-    res = bg("run", str(src), "--model", "m", "--base-url", f"http://127.0.0.1:{port}/v1", "--out",
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", f"http://127.0.0.1:{port}/v1", "--out",
              str(tmp_path / "o"), "--max-attempts", "2", "--backoff", "0.01", "--quiet")  # fmt: skip
     assert res.returncode == 2
     assert "cannot connect" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_no_such_input_file(tmp_path: Path) -> None:
-    res = bg("run", str(tmp_path / "nope.jsonl"), "--model", "m")
+    res = bg("run", str(tmp_path / "nope.jsonl"), "--model", "sim-model")
     assert res.returncode == 2
     assert "nope.jsonl" in res.stderr and "Traceback" not in res.stderr
 
@@ -123,5 +123,5 @@ def test_validate_checks_without_sending(tmp_path: Path) -> None:
     assert good.returncode == 0 and "100 prompts" in good.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": 3}\n')
-    res = bg("validate", str(bad), "--model", "m", key=None)
+    res = bg("validate", str(bad), "--model", "sim-model", key=None)
     assert res.returncode == 2 and f"{bad}:2:" in res.stderr

@@ -64,9 +64,9 @@ def test_three_shards_in_three_processes_split_one_input_exactly(tmp_path: Path,
 def test_bad_shard_specs_are_one_clear_line(tmp_path: Path) -> None:
     src = write_prompts(tmp_path / "prompts.jsonl", 3)
     for spec in ("0/3", "4/3", "x", "2"):
-        res = bg("run", str(src), "--simulate", "--model", "m", "--shard", spec)
+        res = bg("run", str(src), "--simulate", "--model", "sim-model", "--shard", spec)
         assert res.returncode == 2 and "--shard" in res.stderr and "Traceback" not in res.stderr
-    res = bg("run", str(src), "--simulate", "--model", "m", "--shards", "3")
+    res = bg("run", str(src), "--simulate", "--model", "sim-model", "--shards", "3")
     assert res.returncode == 2 and "JOB_COMPLETION_INDEX" in res.stderr
 
 

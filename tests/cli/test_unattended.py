@@ -48,7 +48,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, 
 def test_sigterm_lets_in_flight_finish_then_resume_completes(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 200)
     out = tmp_path / "out"
-    args = [str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out), "-c", "8", "--no-report"]
+    args = [str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "-c", "8", "--no-report"]
     proc = start_run(*args, "--grace", "30")
     try:
         wait_for_rows(out, 8)
@@ -72,7 +72,7 @@ def test_sigterm_lets_in_flight_finish_then_resume_completes(tmp_path: Path, sim
 def test_second_signal_cancels_at_once_and_ledger_stays_consistent(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 100)
     out = tmp_path / "out"
-    proc = start_run(str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out), "-c", "8",
+    proc = start_run(str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "-c", "8",
                      "--no-report", "--grace", "60")  # fmt: skip
     try:
         wait_for_rows(out, 4)
@@ -94,7 +94,7 @@ def test_second_signal_cancels_at_once_and_ledger_stays_consistent(tmp_path: Pat
 def test_second_runner_on_same_out_exits_4_naming_the_pid(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 100)
     out = tmp_path / "out"
-    args = [str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out), "-c", "4", "--no-report"]
+    args = [str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "-c", "4", "--no-report"]
     first = start_run(*args)
     try:
         wait_for_rows(out, 1)
@@ -112,7 +112,7 @@ def test_second_runner_on_same_out_exits_4_naming_the_pid(tmp_path: Path, simula
 def test_fresh_starts_a_new_directory_and_keeps_the_old_ledger(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 10)
     out = tmp_path / "out"
-    base = ["run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out), "--no-report", "--json"]
+    base = ["run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "--no-report", "--json"]
     assert bg(*base).returncode == 0
     before = (out / "results.jsonl").read_bytes()
     res = bg(*base, "--fresh")
@@ -127,22 +127,22 @@ def test_job_file_with_command_line_overrides(tmp_path: Path, simulator: Sim) ->
     (tmp_path / "p.jsonl").write_text("".join(f'{{"id": "n{i}", "prompt": "question {i}"}}\n' for i in range(12)))
     job = tmp_path / "night.toml"
     job.write_text(
-        'name = "night"\ninputs = ["p.jsonl"]\nout = "from-job"\nmodel = "job-model"\nconcurrency = 3\n'
+        'name = "night"\ninputs = ["p.jsonl"]\nout = "from-job"\nmodel = "Qwen/Qwen3-32B-FP8"\nconcurrency = 3\n'
         'system = "Be brief."\n[chat]\nmax_tokens = 5\n'
     )
-    res = bg("run", str(job), "--base-url", simulator.url, "--model", "cli-model", "--no-report", "--json")
+    res = bg("run", str(job), "--base-url", simulator.url, "--model", "sim-model", "--no-report", "--json")
     assert res.returncode == 0, res.stderr
     summary = orjson.loads(res.stdout.strip().splitlines()[-1])
     assert Path(summary["out"]).name == "from-job"
     rows = ledger(Path(summary["out"]))
-    assert {r["model"] for r in rows} == {"cli-model"}  # the command line wins
+    assert {r["model"] for r in rows} == {"sim-model"}  # the command line wins
     assert {r["job"] for r in rows} == {"night"}
     assert all(r["completion_tokens"] <= 5 for r in rows)  # the job's chat defaults apply
 
 
 def test_json_log_lines_for_log_shippers(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 5)
-    res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
              "--no-report", "--log-format", "json")  # fmt: skip
     assert res.returncode == 0
     events = [orjson.loads(line) for line in res.stderr.splitlines()]
@@ -151,13 +151,13 @@ def test_json_log_lines_for_log_shippers(tmp_path: Path, simulator: Sim) -> None
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 5)
-    res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"), "-q")
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"), "-q")
     assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
 
 
 def test_budget_stop_exits_3_with_a_message(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 200)
-    res = bg("run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
              "--max-cost", "0.002", "--no-report", "--json")  # fmt: skip
     assert res.returncode == 3, res.stderr
     assert "--max-cost" in res.stderr and "left" in res.stderr
@@ -177,7 +177,7 @@ def test_full_disk_stops_cleanly_and_resume_finishes(tmp_path: Path, simulator: 
 
     src = prompts(tmp_path / "p.jsonl", 300)
     out = tmp_path / "out"
-    args = ["run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(out), "--no-report"]
+    args = ["run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "--no-report"]
 
     def small_disk() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of dying
@@ -209,7 +209,7 @@ def test_high_concurrency_needs_no_ulimit_tweaks(
 
     src = prompts(tmp_path / "p.jsonl", 900)
     res = subprocess.run(
-        [BATCHGATE, "run", str(src), "--model", "m", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
+        [BATCHGATE, "run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"),
          "-c", "600", "--no-report", "--json"],
         capture_output=True,
         text=True,

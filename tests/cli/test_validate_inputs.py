@@ -6,6 +6,7 @@ import gzip
 import subprocess
 from pathlib import Path
 
+import orjson
 from clitools import BATCHGATE, bg, env
 
 PROMPTS = b'{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n'
@@ -101,3 +102,25 @@ def test_a_job_file_with_a_template(tmp_path: Path) -> None:
     assert "chat.max_token: unknown chat parameter max_token: did you mean max_tokens?" in res.stderr
     res = bg("validate", str(job), "--strict", key=None)
     assert res.returncode == 2 and "did you mean max_tokens? (--strict)" in res.stderr
+
+
+def test_run_over_a_gzipped_stdin_pipe_sends_every_prompt(tmp_path: Path) -> None:
+    """`cat prompts | batchgate run -` used to validate the stream, then find it used up and send nothing."""
+    res = bg_stdin(
+        "run",
+        "-",
+        "--simulate",
+        "--model",
+        "qwen/qwen3-235b-a22b-instruct-2507-fp8",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-report",
+        "--quiet",
+        "--json",
+        stdin=gzip.compress(PROMPTS),
+    )
+    assert res.returncode == 0, res.stderr
+    summary = orjson.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["requests"], summary["ok"]) == (2, 2)
+    rows = [orjson.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_bytes().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["a", "b"] and {r["job"] for r in rows} == {"stdin"}

@@ -81,7 +81,7 @@ async def test_usage_chunk_with_empty_choices_and_crlf(aiohttp_server: Any) -> N
     body = sse(CHUNK, CHUNK, USAGE, b"[DONE]").replace(b"\n", b"\r\n")
     comp = await attempt(await serve(aiohttp_server, streaming(b": keep-alive\r\n\r\n" + body)))
     assert comp.content == "hi hi " and comp.received_tokens == 2
-    assert comp.usage["total_cost_usd"] == 0.0011
+    assert comp.usage.total_cost_usd == 0.0011
 
 
 async def test_stream_without_done_but_with_usage_is_complete(aiohttp_server: Any) -> None:
@@ -203,7 +203,7 @@ async def test_request_carries_key_user_agent_and_stream_accept(aiohttp_server: 
 async def test_usage_event_without_final_blank_line_still_completes(aiohttp_server: Any) -> None:
     body = sse(CHUNK) + b"data: " + USAGE + b"\n"  # EOF right after the usage line
     comp = await attempt(await serve(aiohttp_server, streaming(body)))
-    assert comp.usage is not None and comp.usage["total_cost_usd"] == 0.0011
+    assert comp.usage is not None and comp.usage.total_cost_usd == 0.0011
 
 
 @pytest.mark.parametrize("odd", [b"1", b'"hello"', b"[1, 2]", b'{"choices": "nope"}', b'{"choices": [{"delta": 5}]}'])

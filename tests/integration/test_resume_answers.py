@@ -32,6 +32,7 @@ def config(out: Path, url: str, **kw: Any) -> RunConfig:
         backoff_base_s=0.001,
         backoff_max_s=0.01,
         idle_timeout_s=2.0,
+        check_models=False,  # made-up model ids: the simulator serves them, its catalog lacks them
     )
     base.update(kw)
     return RunConfig(**base)
@@ -236,3 +237,61 @@ async def test_a_table_with_a_template_runs_and_an_edited_cell_is_asked_again(tm
         second = await Runner([table], cfg).run()
     assert (first.ok, second.requests, second.stale, second.skipped) == (2, 1, 1, 1)
     assert sorted(r["id"] for r in rows(out)) == ["a", "b", "b"]
+
+
+async def test_a_resumed_start_begins_after_the_done_prefix_and_never_rebuys(tmp_path: Path) -> None:
+    from batchgate.ledger import INDEX_NAME
+    from batchgate.resume import VALIDATED_NAME
+
+    many = {f"p{i}": f"prompt {i}" for i in range(200)}
+    src = write_prompts(tmp_path / "p.jsonl", many)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=5)) as sim:
+        # Stopped early by its budget: the prefix ends where the first unanswered request is.
+        first = await Runner([src], config(out, sim.base_url, max_cost_usd=0.001, default_max_tokens=64)).run()
+        assert first.stop_reason == "budget" and 0 < first.ok < 200
+        assert (out / VALIDATED_NAME).exists() and (out / INDEX_NAME).exists()
+        second_runner = Runner([src], config(out, sim.base_url))
+        second = await second_runner.run()
+        assert second_runner._prefix is not None and second_runner._prefix[2] > 0  # started past the prefix
+        assert second.ok + first.ok == 200 and second.skipped == first.ok
+        third_runner = Runner([src], config(out, sim.base_url))
+        third = await third_runner.run()
+        assert third_runner._prefix == (1, 0, 200) and (third.requests, third.skipped) == (0, 200)
+        billed = [b["client_request_id"] for b in sim.billing.completed()]
+    assert sorted(billed) == sorted(many)  # every answer bought exactly once
+    ok = [r["id"] for r in rows(out) if r["status"] == "ok"]
+    assert sorted(ok) == sorted(many)
+    # An edited input is a new identity: no shortcut, and the edit is found.
+    write_prompts(src, {**many, "p7": "changed"})
+    async with running_simulator(SimulatorConfig(seed=5)) as sim:
+        fourth_runner = Runner([src], config(out, sim.base_url))
+        fourth = await fourth_runner.run()
+    assert fourth_runner._prefix is None and (fourth.stale, fourth.requests) == (1, 1)
+
+
+async def test_a_model_the_catalog_lacks_stops_the_run_before_any_request(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        runner = Runner(
+            [src], config(tmp_path / "out", sim.base_url, default_model="Qwen/qwen3-32b-fp8", check_models=True)
+        )
+        summary = await runner.run()
+        chat_requests = len(sim.billing.completed())
+    assert summary.exit_code == 2 and summary.stop_reason == "unknown_model" and summary.requests == 0
+    assert chat_requests == 0
+    assert runner.stop_message is not None and "did you mean Qwen/Qwen3-32B-FP8" in runner.stop_message
+    assert "p.jsonl:1:" in runner.stop_message and "12 prompt(s)" in runner.stop_message
+
+
+async def test_published_prices_bound_the_budget_from_the_first_request(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        runner = Runner(
+            [src],
+            config(tmp_path / "out", sim.base_url, default_model="sim-model", check_models=True, max_cost_usd=1.0),
+        )
+        summary = await runner.run()
+    assert summary.ok == 12 and runner.balance is not None and runner.balance.usd > 0
+    assert runner.prices.worst_per_token("sim-model") is not None
+    assert not runner._probes  # no one-at-a-time probe was needed: the price was published

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from batchgate.client import Completion
+from batchgate.client import Choice, Completion
 from batchgate.errors import ApiError, AuthError, RateLimited, ServerError, StreamInterrupted
 from batchgate.retry import RetryPolicy
+from batchgate.usage import parse_usage
 
 
 def scripted(*steps: ApiError | None) -> tuple[list[int], object]:
@@ -17,7 +18,7 @@ def scripted(*steps: ApiError | None) -> tuple[list[int], object]:
         step = steps[len(calls) - 1]
         if step is not None:
             raise step
-        return Completion("answer", "stop", {"total_cost_usd": 0.1}, 0.01, 1)
+        return Completion([Choice(0, "answer", finish_reason="stop")], parse_usage({"total_cost_usd": 0.1}))
 
     return calls, attempt
 

@@ -36,6 +36,7 @@ def config(out: Path, url: str, **kw: Any) -> RunConfig:
         backoff_base_s=0.001,
         backoff_max_s=0.01,
         idle_timeout_s=1.0,
+        check_models=False,  # made-up model ids: the simulator serves them, its catalog lacks them
     )
     base.update(kw)
     return RunConfig(**base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import os
@@ -18,6 +19,8 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchgate.simulator import (
     BILLING_KEY,
@@ -57,10 +60,38 @@ def parse_sse(raw: bytes) -> tuple[list[Event], int]:
     return events, comments
 
 
-def content_of(events: list[Event]) -> str:
-    return "".join(
-        e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and "choices" in e
-    )
+def deltas(events: list[Event], index: int = 0) -> list[dict[str, Any]]:
+    """The deltas of choice ``index``, in order."""
+    return [
+        c["delta"]
+        for e in events
+        if isinstance(e, dict)
+        for c in e.get("choices", ())
+        if c["index"] == index and c["delta"]
+    ]
+
+
+def content_of(events: list[Event], index: int = 0) -> str:
+    return "".join(d.get("content") or "" for d in deltas(events, index))
+
+
+def usage_of(events: list[Event]) -> dict[str, Any]:
+    """The one usage block of a complete stream (in the finish chunk or in its own chunk after it)."""
+    [usage] = [e["usage"] for e in events if isinstance(e, dict) and e.get("usage")]
+    assert events[-1] == "[DONE]"
+    return usage  # type: ignore[no-any-return]
+
+
+def finish_of(events: list[Event], index: int = 0) -> str | None:
+    reasons = [
+        c["finish_reason"]
+        for e in events
+        if isinstance(e, dict)
+        for c in e.get("choices", ())
+        if c["index"] == index and c["finish_reason"]
+    ]
+    assert len(reasons) <= 1
+    return reasons[0] if reasons else None
 
 
 def tokens_in(text: str) -> int:
@@ -107,7 +138,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def test_stream_wire_format_and_billing(session: aiohttp.ClientSession) -> None:
     async with (
-        running_simulator(SimulatorConfig(seed=7)) as sim,
+        running_simulator(SimulatorConfig(seed=7, separate_usage_rate=0.0)) as sim,
         session.post(
             f"{sim.base_url}/chat/completions", json=chat(), headers=AUTH | {"X-Client-Request-Id": "req-1"}
         ) as resp,
@@ -163,9 +194,10 @@ def test_default_prices_reproduce_the_docs_example() -> None:
 
 async def test_tokens_per_chunk_and_keepalives_keep_the_content(session: aiohttp.ClientSession) -> None:
     body = chat("Tell me about rivers and mountains in some detail please.")
-    async with running_simulator(SimulatorConfig(seed=3)) as plain:
+    async with running_simulator(SimulatorConfig(seed=3, separate_usage_rate=0.0)) as plain:
         _, _, raw_plain = await post(session, plain.base_url, body)
-    async with running_simulator(SimulatorConfig(seed=3, tokens_per_chunk=3, keepalive_rate=0.5)) as grouped:
+    config = SimulatorConfig(seed=3, tokens_per_chunk=3, keepalive_rate=0.5, separate_usage_rate=0.0)
+    async with running_simulator(config) as grouped:
         _, _, raw_grouped = await post(session, grouped.base_url, body)
     events_plain, comments_plain = parse_sse(raw_plain)
     events_grouped, comments_grouped = parse_sse(raw_grouped)
@@ -181,10 +213,8 @@ async def test_max_tokens_cuts_the_answer_with_length(session: aiohttp.ClientSes
         _, _, capped = await post(session, sim.base_url, chat(max_tokens=3))
         _, _, alias = await post(session, sim.base_url, chat(max_completion_tokens=3))
     full_events, capped_events = parse_sse(full)[0], parse_sse(capped)[0]
-    final = capped_events[-2]
-    assert isinstance(final, dict)
-    assert final["choices"][0]["finish_reason"] == "length"
-    assert final["usage"]["completion_tokens"] == 3
+    assert finish_of(capped_events) == "length" and finish_of(full_events) == "stop"
+    assert usage_of(capped_events)["completion_tokens"] == 3
     words = content_of(full_events).split(" ")
     assert content_of(capped_events) == " ".join(words[:3]) + " "
     assert content_of(parse_sse(alias)[0]) == content_of(capped_events)
@@ -288,7 +318,7 @@ async def test_bad_key_is_401(session: aiohttp.ClientSession, headers: dict[str,
         async with session.post(f"{sim.base_url}/chat/completions", data=data, headers=headers) as resp:
             assert resp.status == 401
             error = (await resp.json())["error"]
-    assert error["type"] == "authentication_error" and error["code"] == 401 and error["message"]
+    assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key" and error["message"]
     assert sim.billing.records == [] and sim.billing.events["unauthorized"] == 1
 
 
@@ -312,7 +342,7 @@ async def test_bad_request_is_400(session: aiohttp.ClientSession, body: bytes) -
         status, _, raw = await post(session, sim.base_url, body)
     assert status == 400
     error = orjson.loads(raw)["error"]
-    assert error["type"] == "invalid_request_error" and error["code"] == 400 and error["message"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request_error" and error["message"]
     assert sim.billing.records == []
 
 
@@ -321,8 +351,15 @@ async def test_rate_limit_is_429_with_retry_after(session: aiohttp.ClientSession
         status, headers, raw = await post(session, sim.base_url, chat())
     assert status == 429
     assert float(headers["Retry-After"]) == 0.25
-    assert orjson.loads(raw)["error"]["code"] == 429
+    assert orjson.loads(raw)["error"]["code"] == "rate_limit_exceeded"
     assert sim.billing.records == [] and sim.billing.events["rate_limited"] == 1
+
+
+async def test_server_errors_mix_the_configured_statuses(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=1, server_error_rate=1.0, server_error_statuses=(500, 502, 503, 504))
+    async with running_simulator(config) as sim:
+        statuses = [(await post(session, sim.base_url, chat()))[0] for _ in range(40)]
+    assert set(statuses) == {500, 502, 503, 504} and sim.billing.records == []
 
 
 async def test_server_error_is_500_before_streaming(session: aiohttp.ClientSession) -> None:
@@ -358,7 +395,7 @@ async def test_midstream_error_event_ends_the_stream(session: aiohttp.ClientSess
         status, _, raw = await post(session, sim.base_url, chat())  # the body ends cleanly
     assert status == 200
     events, _ = parse_sse(raw)
-    assert events[-1] == {"error": {"message": "upstream model error", "type": "server_error", "code": 500}}
+    assert events[-1] == {"error": {"message": "upstream model error", "type": "server_error", "code": "server_error"}}
     assert "[DONE]" not in events
     assert all("usage" not in e for e in events if isinstance(e, dict))
     [record] = sim.billing.records
@@ -442,18 +479,28 @@ async def test_client_leaving_mid_stream_is_billed_cut(session: aiohttp.ClientSe
     assert record["content"].startswith(content_of(parse_sse(raw)[0]))
 
 
-async def test_spent_balance_gives_402(session: aiohttp.ClientSession) -> None:
-    async with running_simulator(SimulatorConfig(balance_usd=1e-4)) as sim:
+@pytest.mark.parametrize(
+    ("options", "status_out", "code"),
+    [({}, 429, "insufficient_quota"), ({"quota_status": 402}, 402, "insufficient_balance")],
+)
+async def test_spent_balance_gives_quota_429_or_the_old_402(
+    session: aiohttp.ClientSession, options: dict[str, Any], status_out: int, code: str
+) -> None:
+    async with running_simulator(SimulatorConfig(balance_usd=1e-4, **options)) as sim:
         statuses = [(await post(session, sim.base_url, chat()))[0] for _ in range(3)]
-        status, _, raw = await post(session, sim.base_url, chat(stream=False))
-    assert statuses[0] == 200 and 402 in statuses
-    first_402 = statuses.index(402)
-    assert all(s == 402 for s in statuses[first_402:]) and status == 402
+        status, headers, raw = await post(session, sim.base_url, chat(stream=False))
+    assert statuses[0] == 200 and status_out in statuses
+    first_out = statuses.index(status_out)
+    assert all(s == status_out for s in statuses[first_out:]) and status == status_out
+    assert "Retry-After" not in headers  # waiting does not help: top up
     assert sim.billing.spent_usd >= 1e-4
     assert math.fsum(r["total_cost_usd"] for r in sim.billing.records[:-1]) < 1e-4  # stopped right after
     error = orjson.loads(raw)["error"]
-    assert error["type"] == "insufficient_balance" and error["code"] == 402
-    assert len(sim.billing.records) == first_402
+    assert error["code"] == code and "top up" in error["message"]
+    assert len(sim.billing.records) == first_out
+    assert (
+        sim.billing.responses[-1]["code"] == code and sim.billing.responses[-1]["request_id"] == headers["x-request-id"]
+    )
 
 
 async def test_fault_rates_hold_and_billing_matches_the_client(session: aiohttp.ClientSession) -> None:
@@ -492,9 +539,7 @@ async def test_fault_rates_hold_and_billing_matches_the_client(session: aiohttp.
         elif isinstance(events[-1], dict) and "error" in events[-1]:
             outcomes[cid] = "midstream"
         else:
-            final = events[-2]
-            assert isinstance(final, dict) and events[-1] == "[DONE]"
-            confirmed_costs.append(final["usage"]["total_cost_usd"])
+            confirmed_costs.append(usage_of(events)["total_cost_usd"])
             outcomes[cid] = "completed"
 
     async with running_simulator(config) as sim:
@@ -616,8 +661,702 @@ def test_serve_process_prints_url_and_exits_cleanly_on_sigterm(tmp_path: Path) -
         {"min_completion_tokens": 0},
         {"tokens_per_chunk": 0},
         {"stall_s": -1.0},
+        {"fault_rate": 1.5},
+        {"server_error_statuses": (418,)},
+        {"quota_status": 400},
+        {"key_concurrency_limit": 0},
+        {"price_step_every": 0},
+        {"growth_factor": 0.5},
     ],
 )
 def test_bad_config_is_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         SimulatorConfig(**kwargs)
+
+
+# -- GonkaGate as documented: request ids, string codes, the catalog, the account, per-key limits ----
+
+
+async def get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, Mapping[str, str], Any]:
+    async with session.get(url, headers=headers) as resp:
+        return resp.status, resp.headers, orjson.loads(await resp.read())
+
+
+def root_of(sim: Any) -> str:
+    return str(sim.base_url).removesuffix("/v1")
+
+
+async def test_every_response_has_a_unique_request_id_matched_by_the_billing(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    log = tmp_path / "billing.jsonl"
+    config = SimulatorConfig(seed=3, rate_limit_rate=0.3, server_error_rate=0.2, billing_log=str(log))
+    ids: list[str] = []
+    async with running_simulator(config) as sim:
+        for i in range(30):
+            status, headers, _ = await post(session, sim.base_url, chat(f"q{i}", stream=i % 2 == 0))
+            ids.append(headers["x-request-id"])
+            assert status in (200, 429, 500)
+        for url, headers in (
+            (f"{sim.base_url}/models", AUTH),
+            (f"{sim.base_url}/models", {}),
+            (f"{root_of(sim)}/api/v1/whoami", AUTH),
+            (f"{root_of(sim)}/api/v1/public/pricing", {}),
+            (f"{sim.base_url}/embeddings", AUTH),
+        ):
+            async with session.get(url, headers=headers) as resp:
+                ids.append(resp.headers["x-request-id"])
+        async with session.post(f"{sim.base_url}/chat/completions", data=b"{") as resp:  # no key
+            assert resp.status == 401
+            ids.append(resp.headers["x-request-id"])
+    assert len(set(ids)) == len(ids) and all(i.startswith("req_") for i in ids)
+    billing = sim.billing
+    assert [r["request_id"] for r in billing.responses] == ids[:30] + ids[-1:]
+    assert {r["status"] for r in billing.responses} == {200, 401, 429, 500}
+    for answer in billing.responses:
+        record = billing.record_for(answer["request_id"])
+        assert (record is not None) == (answer["status"] == 200)
+    assert [orjson.loads(line)["request_id"] for line in log.read_bytes().splitlines()] == [
+        r["request_id"] for r in billing.records
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "body", "status", "code"),
+    [
+        ({}, b"{not json", 400, "invalid_request_error"),
+        ({"strict_models": True}, chat(model="qwen/qwen3-32b-fp8"), 404, "model_not_found"),  # case matters
+        ({"balance_usd": 0.0}, chat(), 429, "insufficient_quota"),
+        ({"balance_usd": 0.0, "quota_status": 402}, chat(), 402, "insufficient_balance"),
+        ({"rate_limit_rate": 1.0}, chat(), 429, "rate_limit_exceeded"),
+        ({"rate_limit_rate": 1.0, "rate_limit_code": "transfer_agent_capacity_reached"}, chat(), 429,
+         "transfer_agent_capacity_reached"),
+        ({"server_error_rate": 1.0}, chat(), 500, "server_error"),
+        ({"server_error_rate": 1.0, "server_error_statuses": (503,)}, chat(), 503, "service_unavailable"),
+        ({"server_error_rate": 1.0, "server_error_statuses": (504,)}, chat(), 504, "gateway_timeout"),
+        ({"account_deactivated": True}, chat(), 403, "account_deactivated"),
+        ({"key_limits": True, "key_burst_limit": 1}, chat(), 429, "rate_limit_exceeded"),  # the second request
+    ],
+)  # fmt: skip
+async def test_error_bodies_carry_string_codes(
+    session: aiohttp.ClientSession, config: dict[str, Any], body: Any, status: int, code: str
+) -> None:
+    async with running_simulator(SimulatorConfig(**config)) as sim:
+        if "key_limits" in config:
+            assert (await post(session, sim.base_url, body))[0] == 200
+        got, headers, raw = await post(session, sim.base_url, body)
+    error = orjson.loads(raw)["error"]
+    assert (got, error["code"]) == (status, code)
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    assert headers["Content-Type"].startswith("application/json") and headers["x-request-id"].startswith("req_")
+    assert sim.billing.responses[-1] == {
+        "request_id": headers["x-request-id"],
+        "client_request_id": None,
+        "status": status,
+        "code": code,
+    }
+
+
+async def test_unknown_models_are_priced_by_default_and_404_when_strict(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig()) as lenient:
+        status, _, raw = await post(session, lenient.base_url, chat(stream=False, model="sim-model"))
+    assert status == 200
+    usage = orjson.loads(raw)["usage"]
+    assert (
+        usage["total_cost_usd"]
+        == SimulatorConfig().costs("sim-model", usage["prompt_tokens"], usage["completion_tokens"])[2]
+    )
+    async with running_simulator(SimulatorConfig(strict_models=True)) as strict:
+        for model in ("qwen/qwen3-235b-a22b-instruct-2507-fp8", "moonshotai/Kimi-K2.6", MODEL):
+            assert (await post(session, strict.base_url, chat(model=model)))[0] == 200
+        status, _, raw = await post(session, strict.base_url, chat(model="sim-model"))
+    assert status == 404 and "sim-model" in orjson.loads(raw)["error"]["message"]
+    assert strict.billing.events["model_not_found"] == 1 and len(strict.billing.records) == 3
+
+
+async def test_models_catalog_shape_loading_and_empty(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(models_unavailable=2)) as sim:
+        first = [await get(session, f"{sim.base_url}/models", AUTH) for _ in range(3)]
+    assert [s for s, _, _ in first] == [503, 503, 200]
+    assert first[0][2]["error"]["code"] == "service_unavailable"
+    body = first[2][2]
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert ids == list(DEFAULT_PRICES)
+    for model_id in ("qwen/qwen3-235b-a22b-instruct-2507-fp8", "moonshotai/Kimi-K2.6", "minimaxai/minimax-m2.7"):
+        assert model_id in ids
+    assert all({"id", "object", "created", "owned_by"} <= set(m) and m["object"] == "model" for m in body["data"])
+    async with running_simulator(SimulatorConfig(models_unavailable=-1)) as down:
+        assert {(await get(session, f"{down.base_url}/models", AUTH))[0] for _ in range(5)} == {503}
+    async with running_simulator(SimulatorConfig(models_empty=True)) as empty:
+        assert (await get(session, f"{empty.base_url}/models", AUTH))[2] == {"object": "list", "data": []}
+
+
+async def test_whoami_reports_the_balance_left_as_a_string(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(balance_usd=0.01)) as sim:
+        url = f"{root_of(sim)}/api/v1/whoami"
+        status, _, before = await get(session, url, AUTH)
+        await post(session, sim.base_url, chat())
+        _, _, after = await get(session, url, AUTH)
+        unauthorized, _, denied = await get(session, url, {"Authorization": "Bearer sk-nope"})
+    assert status == 200 and before["success"] is True
+    assert before["data"]["balance"] == {"usd": "0.010000", "status": "active"}
+    assert before["data"]["apiKey"]["status"] == "active"
+    left = after["data"]["balance"]["usd"]
+    assert isinstance(left, str) and float(left) == pytest.approx(0.01 - sim.billing.spent_usd, abs=1e-6)
+    assert unauthorized == 401 and denied["error"]["code"] == "invalid_api_key"
+    assert denied["success"] is False and denied["requestId"].startswith("req_")
+    assert "gp-test" not in orjson.dumps(after).decode()  # the key is never echoed
+    async with running_simulator(SimulatorConfig(balance_usd=1e-5)) as spent:
+        await post(session, spent.base_url, chat())
+        assert (await get(session, f"{root_of(spent)}/api/v1/whoami", AUTH))[2]["data"]["balance"] == {
+            "usd": "0.000000",
+            "status": "suspended",
+        }
+    async with running_simulator(SimulatorConfig(account_deactivated=True)) as off:
+        status, _, body = await get(session, f"{root_of(off)}/api/v1/whoami", AUTH)
+        assert status == 200 and body["data"]["balance"]["status"] == "suspended"
+        assert (await get(session, f"{off.base_url}/models", AUTH))[0] == 403
+    async with running_simulator(SimulatorConfig(account_endpoints=False)) as bare:
+        assert (await get(session, f"{root_of(bare)}/api/v1/whoami", AUTH))[0] == 404
+        assert (await get(session, f"{root_of(bare)}/api/v1/public/pricing"))[0] == 404
+
+
+async def test_public_pricing_per_model_and_after_a_price_step(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(price_step_every=2, price_step_factor=3.0)
+    async with running_simulator(config) as sim:
+        url = f"{root_of(sim)}/api/v1/public/pricing"
+        status, _, before = await get(session, url)  # no key needed
+        for _ in range(2):
+            await post(session, sim.base_url, chat())
+        _, _, after = await get(session, url)
+    assert status == 200 and before["success"] is True
+    assert before["data"]["fees"] == {"platformFeeRate": 0.1}
+    models = {m["id"]: m["usdPer1MTokens"] for m in before["data"]["models"]}
+    assert list(models) == list(DEFAULT_PRICES)
+    for model_id, price in models.items():
+        assert price["network"] == DEFAULT_PRICES[model_id][1]
+        assert price["platformFee"] == pytest.approx(price["network"] * 0.1)
+        assert price["total"] == pytest.approx(price["network"] * 1.1)
+    stepped = {m["id"]: m["usdPer1MTokens"] for m in after["data"]["models"]}
+    assert stepped[MODEL]["network"] == pytest.approx(3 * models[MODEL]["network"])
+
+
+async def test_key_concurrency_limit_answers_429_until_a_slot_frees(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(
+        key_limits=True,
+        key_concurrency_limit=3,
+        limit_retry_after_s=0.5,
+        token_delay_s=0.02,
+        min_completion_tokens=40,
+        max_completion_tokens=40,
+    )
+    async with running_simulator(config) as sim:
+        url = f"{sim.base_url}/chat/completions"
+        held = [await session.post(url, json=chat(f"q{i}"), headers=AUTH) for i in range(3)]
+        assert [r.status for r in held] == [200, 200, 200]
+        status, headers, raw = await post(session, sim.base_url, chat())
+        assert status == 429 and float(headers["Retry-After"]) == 0.5
+        assert orjson.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+        # A client leaving frees its slot.
+        held[0].close()
+        await wait_until(lambda: len(sim.billing.cut()) == 1)
+        assert (await post(session, sim.base_url, chat(max_tokens=1)))[0] == 200
+        # Another key has its own limit.
+        assert (await post(session, sim.base_url, chat(), {"Authorization": "Bearer gp-other"}))[0] == 200
+        for resp in held[1:]:
+            assert parse_sse(await resp.read())[0][-1] == "[DONE]"
+            resp.release()
+        # The slot is back before the client sees [DONE]: a client that waits for its answers never meets a 429.
+        gate = asyncio.Semaphore(3)
+
+        async def one(i: int) -> int:
+            async with gate:
+                return (await post(session, sim.base_url, chat(f"r{i}", max_tokens=2)))[0]
+
+        assert set(await asyncio.gather(*(one(i) for i in range(60)))) == {200}
+    assert sim.billing.events["key_concurrency_limited"] == 1
+
+
+async def test_key_request_windows_answer_429_with_whole_second_retry_after(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(key_limits=True, key_burst_limit=5, key_burst_window_s=0.4, key_rpm_limit=8)
+    async with running_simulator(config) as sim:
+        burst = [(await post(session, sim.base_url, chat()))[:2] for _ in range(6)]
+        assert [s for s, _ in burst] == [200] * 5 + [429]
+        assert burst[-1][1]["Retry-After"] == "1"  # 0.4 s left, rounded up to whole seconds
+        await asyncio.sleep(0.45)
+        minute = [(await post(session, sim.base_url, chat()))[:2] for _ in range(4)]
+        # 8 per minute: three more pass, then the minute window is full for ~60 s.
+        assert [s for s, _ in minute] == [200, 200, 200, 429]
+        assert 55 <= int(minute[-1][1]["Retry-After"]) <= 60
+        assert (await post(session, sim.base_url, chat(), {"Authorization": "Bearer gp-fresh"}))[0] == 200
+    assert sim.billing.events["key_rate_limited"] == 2
+    assert len(sim.billing.records) == 9  # refused requests cost nothing
+
+
+async def test_key_limits_are_off_by_default(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(token_delay_s=0.01, min_completion_tokens=10, max_completion_tokens=10)
+    async with running_simulator(config) as sim:
+        statuses = await asyncio.gather(*(post(session, sim.base_url, chat(f"q{i}")) for i in range(120)))
+    assert {s for s, _, _ in statuses} == {200}
+    assert len(sim.billing.completed()) == 120
+
+
+async def test_the_documented_key_limits_are_the_defaults() -> None:
+    config = SimulatorConfig(key_limits=True)
+    assert (config.key_concurrency_limit, config.key_rpm_limit, config.key_burst_limit) == (50, 600, 200)
+    assert config.key_burst_window_s == 10.0
+
+
+# -- reasoning, tool calls, several choices, where usage goes ---------------------------------------
+
+REASONER = "moonshotai/Kimi-K2.6"
+TOOLS = [
+    {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
+]
+
+
+def reasoning_of(events: list[Event], index: int = 0) -> str:
+    return "".join(d.get("reasoning_content") or "" for d in deltas(events, index))
+
+
+def tool_calls_of(events: list[Event], index: int = 0) -> list[dict[str, Any]]:
+    """Tool calls assembled from their streamed pieces, as the OpenAI format asks."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas(events, index):
+        for piece in delta.get("tool_calls") or ():
+            call = calls.setdefault(piece["index"], {"index": piece["index"], "function": {"arguments": ""}})
+            for key in ("id", "type"):
+                if key in piece:
+                    call[key] = piece[key]
+            if "name" in piece["function"]:
+                call["function"]["name"] = piece["function"]["name"]
+            call["function"]["arguments"] += piece["function"].get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+async def test_reasoning_model_streams_reasoning_before_content(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=4)) as sim:
+        _, _, raw = await post(session, sim.base_url, chat(model=REASONER))
+        _, _, capped = await post(session, sim.base_url, chat(model=REASONER, max_tokens=3))
+        _, _, as_json = await post(session, sim.base_url, chat(model=REASONER, stream=False))
+    events, _ = parse_sse(raw)
+    kinds = ["reasoning" if d.get("reasoning_content") else "content" for d in deltas(events) if "role" not in d]
+    assert kinds[0] == "reasoning" and kinds[-1] == "content"
+    assert kinds == sorted(kinds, key=lambda k: k != "reasoning")  # all reasoning first
+    assert all(d["content"] is None for d in deltas(events) if d.get("reasoning_content"))
+    reasoning, content = reasoning_of(events), content_of(events)
+    usage = usage_of(events)
+    assert usage["completion_tokens"] == tokens_in(reasoning) + tokens_in(content)  # reasoning is billed
+    record = sim.billing.records[0]
+    assert (record["reasoning"], record["content"]) == (reasoning, content)
+    assert (
+        record["total_cost_usd"]
+        == SimulatorConfig().costs(REASONER, usage["prompt_tokens"], usage["completion_tokens"])[2]
+    )
+    capped_events = parse_sse(capped)[0]
+    assert usage_of(capped_events)["completion_tokens"] == 3 and finish_of(capped_events) == "length"
+    assert content_of(capped_events) == "" and reasoning_of(capped_events) == " ".join(reasoning.split(" ")[:3]) + " "
+    message = orjson.loads(as_json)["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (reasoning, content)
+
+
+async def test_tools_give_tool_call_deltas(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=2)) as sim:
+        answers = [parse_sse((await post(session, sim.base_url, chat(f"q{i}", tools=TOOLS)))[2])[0] for i in range(8)]
+        forced = {"type": "function", "function": {"name": "lookup"}}
+        _, _, raw_forced = await post(session, sim.base_url, chat(tools=TOOLS, tool_choice=forced))
+        _, _, raw_none = await post(session, sim.base_url, chat(tools=TOOLS, tool_choice="none"))
+        _, _, as_json = await post(session, sim.base_url, chat("q0", tools=TOOLS, stream=False))
+        bad, _, _ = await post(session, sim.base_url, chat(tools=[{"type": "function"}]))
+    counts = set()
+    for i, events in enumerate(answers):
+        calls = tool_calls_of(events)
+        counts.add(len(calls))
+        assert finish_of(events) == "tool_calls" and content_of(events) == ""
+        for j, call in enumerate(calls):
+            assert call["index"] == j and call["type"] == "function" and call["id"].startswith("call_")
+            assert call["function"]["name"] in {"search", "lookup"}
+            assert orjson.loads(call["function"]["arguments"])["limit"] == j + 1  # the pieces join to JSON
+        record = sim.billing.records[i]
+        assert record["tool_calls"] == [{k: c[k] for k in ("index", "id", "type", "function")} for c in calls]
+        assert (
+            usage_of(events)["completion_tokens"]
+            == record["completion_tokens"]
+            == sum(1 + math.ceil(len(c["function"]["arguments"]) / 12) for c in calls)
+        )
+    assert counts == {1, 2}  # parallel calls happen
+    assert {c["function"]["name"] for c in tool_calls_of(parse_sse(raw_forced)[0])} == {"lookup"}
+    none_events = parse_sse(raw_none)[0]
+    assert tool_calls_of(none_events) == [] and content_of(none_events) and finish_of(none_events) == "stop"
+    choice = orjson.loads(as_json)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == tool_calls_of(answers[0])
+    assert bad == 400
+
+
+async def test_n_choices_stream_interleaved_with_their_own_index(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=6)) as sim:
+        _, _, single = await post(session, sim.base_url, chat())
+        _, _, raw = await post(session, sim.base_url, chat(n=3))
+        _, _, as_json = await post(session, sim.base_url, chat(n=3, stream=False))
+        bad, _, _ = await post(session, sim.base_url, chat(n=0))
+    events = parse_sse(raw)[0]
+    texts = [content_of(events, i) for i in range(3)]
+    assert texts[0] == content_of(parse_sse(single)[0])  # choice 0 is the n=1 answer
+    assert len(set(texts)) == 3 and all(finish_of(events, i) == "stop" for i in range(3))
+    order = [
+        c["index"] for e in events if isinstance(e, dict) for c in e.get("choices", ()) if c["delta"].get("content")
+    ]
+    assert order[:3] == [0, 1, 2]  # interleaved, not one after the other
+    usage = usage_of(events)
+    assert usage["completion_tokens"] == sum(tokens_in(t) for t in texts)
+    record = sim.billing.records[1]
+    assert record["content"] == texts[0] and [c["content"] for c in record["choices"]] == texts
+    assert [c["index"] for c in record["choices"]] == [0, 1, 2] and record["completion_tokens"] == usage[
+        "completion_tokens"
+    ]
+    body = orjson.loads(as_json)
+    assert [c["message"]["content"] for c in body["choices"]] == texts
+    assert bad == 400
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+async def test_usage_in_the_finish_chunk_or_in_its_own_chunk(session: aiohttp.ClientSession, rate: float) -> None:
+    async with running_simulator(SimulatorConfig(seed=1, separate_usage_rate=rate)) as sim:
+        for body in (chat(), chat(model=REASONER, tools=TOOLS, n=2)):
+            events = parse_sse((await post(session, sim.base_url, body))[2])[0]
+            *_, last_chunk, done = events
+            assert done == "[DONE]" and isinstance(last_chunk, dict)
+            [with_usage] = [e for e in events if isinstance(e, dict) and "usage" in e]
+            assert with_usage is last_chunk
+            if rate == 1.0:
+                assert last_chunk["choices"] == []
+                before = events[-3]
+                assert isinstance(before, dict) and before["choices"][0]["finish_reason"] and "usage" not in before
+            else:
+                assert last_chunk["choices"][0]["finish_reason"] and last_chunk["choices"][0]["delta"] == {}
+            assert with_usage["usage"]["total_cost_usd"] == sim.billing.records[-1]["total_cost_usd"]
+
+
+async def test_usage_position_is_seeded_per_request(session: aiohttp.ClientSession) -> None:
+    async def positions(seed: int) -> list[bool]:
+        async with running_simulator(SimulatorConfig(seed=seed)) as sim:
+            out = []
+            for i in range(24):
+                events = parse_sse((await post(session, sim.base_url, chat(f"q{i}")))[2])[0]
+                out.append(any(isinstance(e, dict) and e["choices"] == [] for e in events))
+            return out
+
+    first = await positions(1)
+    assert set(first) == {True, False}
+    assert await positions(1) == first and await positions(2) != first
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+async def test_openai_sdk_reads_reasoning_tool_calls_and_several_choices(rate: float) -> None:
+    async with (
+        running_simulator(SimulatorConfig(seed=5, separate_usage_rate=rate)) as sim,
+        openai.AsyncOpenAI(base_url=sim.base_url, api_key="gp-test", max_retries=0) as client,
+    ):
+        messages: Any = [{"role": "user", "content": "Think, then look it up"}]
+        stream = await client.chat.completions.create(model=REASONER, messages=messages, stream=True, tools=TOOLS, n=2)
+        reasoning: dict[int, str] = collections.defaultdict(str)
+        args: dict[tuple[int, int], str] = collections.defaultdict(str)
+        names: dict[tuple[int, int], str] = {}
+        finish: dict[int, str] = {}
+        usages = []
+        async for chunk in stream:
+            for choice in chunk.choices:
+                reasoning[choice.index] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+                for call in choice.delta.tool_calls or ():
+                    assert call.function is not None
+                    if call.function.name:
+                        names[choice.index, call.index] = call.function.name
+                    args[choice.index, call.index] += call.function.arguments or ""
+                if choice.finish_reason:
+                    finish[choice.index] = choice.finish_reason
+            if chunk.usage:
+                usages.append(chunk.usage)
+        completion = await client.chat.completions.create(model=REASONER, messages=messages, tools=TOOLS, n=2)
+
+    streamed, answered = sim.billing.records
+    [usage] = usages
+    assert usage.completion_tokens == streamed["completion_tokens"]
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    for i, choice in enumerate(streamed["choices"]):
+        assert reasoning[i] == choice["reasoning"] and reasoning[i]
+        assert [args[i, c["index"]] for c in choice["tool_calls"]] == [
+            c["function"]["arguments"] for c in choice["tool_calls"]
+        ]
+        assert [names[i, c["index"]] for c in choice["tool_calls"]] == [
+            c["function"]["name"] for c in choice["tool_calls"]
+        ]
+    assert [c.index for c in completion.choices] == [0, 1]
+    for choice, billed in zip(completion.choices, answered["choices"], strict=True):
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        assert [c.function.arguments for c in choice.message.tool_calls] == [  # type: ignore[union-attr]
+            c["function"]["arguments"] for c in billed["tool_calls"]
+        ]
+        assert (choice.message.model_extra or {})["reasoning_content"] == billed["reasoning"]
+
+
+# -- faults: one total rate, and faults inside rich answers -----------------------------------------
+
+
+async def test_fault_rate_is_a_total_split_over_the_five_faults(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=77, fault_rate=0.2, stall_s=0.0)
+    assert config.fault_rates() == dict.fromkeys(
+        ("rate_limited", "server_error", "reset", "stall", "midstream_error"), pytest.approx(0.04)
+    )
+    total = 1000
+    async with running_simulator(config) as sim:
+        gate = asyncio.Semaphore(50)
+
+        async def one(i: int) -> None:
+            async with gate, session.post(f"{sim.base_url}/chat/completions", json=chat(f"p{i}"), headers=AUTH) as r:
+                await read_until_error(r)
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+    events = sim.billing.events
+    kinds = ("rate_limited", "server_error", "reset", "stall", "midstream_error")
+    assert 150 <= sum(events[k] for k in kinds) <= 250  # 20% in all, not 20% each
+    for kind in kinds:
+        assert 20 <= events[kind] <= 65, (kind, events[kind])
+    with pytest.raises(ValueError):
+        SimulatorConfig(fault_rate=0.6, reset_rate=0.5)
+    with pytest.raises(ValueError):
+        SimulatorConfig(fault_rate=1.5)
+
+
+@pytest.mark.parametrize(
+    ("fault", "body"),
+    [
+        ("reset_rate", chat(model=REASONER)),
+        ("midstream_error_rate", chat(tools=TOOLS)),
+        ("reset_rate", chat(n=3)),
+    ],
+)
+async def test_faults_in_rich_answers_bill_what_was_sent(
+    session: aiohttp.ClientSession, fault: str, body: dict[str, Any]
+) -> None:
+    async with running_simulator(SimulatorConfig(seed=12, **{fault: 1.0})) as sim:
+        for i in range(4):
+            body = {**body, "messages": [{"role": "user", "content": f"question {i}"}]}
+            async with session.post(f"{sim.base_url}/chat/completions", json=body, headers=AUTH) as resp:
+                raw, _ = await read_until_error(resp)
+            events, _ = parse_sse(raw)
+            assert "[DONE]" not in events and not any(isinstance(e, dict) and "usage" in e for e in events)
+            record = sim.billing.records[-1]
+            assert record["status"] == "cut" and record["fault"] == fault.removesuffix("_rate")
+            sent = sum(
+                tokens_in(content_of(events, c)) + tokens_in(reasoning_of(events, c)) for c in range(body.get("n", 1))
+            )
+            calls = tool_calls_of(events)
+            sent += sum(1 + math.ceil(len(c["function"]["arguments"]) / 12) for c in calls)
+            assert record["completion_tokens"] == sent >= 1
+            assert record["content"] == content_of(events) and (record["reasoning"] or "") == reasoning_of(events)
+            assert (record["tool_calls"] or []) == [
+                {k: c[k] for k in ("index", "id", "type", "function")} for c in calls
+            ]
+            full = SimulatorConfig(seed=12).costs(record["model"], record["prompt_tokens"], sent)[2]
+            assert record["total_cost_usd"] == full
+
+
+# -- money-test options: prices that step up, answers that grow --------------------------------------
+
+
+async def test_price_steps_every_n_billed_requests(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=1, price_step_every=3, price_step_factor=2.0)
+    async with running_simulator(config) as sim:
+        usages = [usage_of(parse_sse((await post(session, sim.base_url, chat(f"q{i}")))[2])[0]) for i in range(8)]
+    factors = [r["price_factor"] for r in sim.billing.records]
+    assert factors == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 4.0, 4.0]
+    for usage, record, factor in zip(usages, sim.billing.records, factors, strict=True):
+        expected = config.costs(MODEL, usage["prompt_tokens"], usage["completion_tokens"], factor)
+        assert (usage["base_cost_usd"], usage["platform_fee_usd"], usage["total_cost_usd"]) == expected
+        assert record["total_cost_usd"] == usage["total_cost_usd"]
+    assert sim.billing.billed_usd() == math.fsum(u["total_cost_usd"] for u in usages)
+
+
+async def test_price_in_force_when_a_request_was_accepted_is_what_it_pays(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(price_step_every=1, price_step_factor=10.0, token_delay_s=0.01)
+    async with running_simulator(config) as sim:
+        # Four streams accepted before any is billed: all pay the first price.
+        await asyncio.gather(*(post(session, sim.base_url, chat(f"q{i}")) for i in range(4)))
+        await post(session, sim.base_url, chat("later"))
+    assert [r["price_factor"] for r in sim.billing.records] == [1.0] * 4 + [1e4]
+
+
+async def test_ignore_max_tokens_answers_past_the_cap(session: aiohttp.ClientSession) -> None:
+    async with running_simulator(SimulatorConfig(seed=3, ignore_max_tokens=True)) as sim:
+        events = parse_sse((await post(session, sim.base_url, chat(max_tokens=2)))[2])[0]
+    assert usage_of(events)["completion_tokens"] >= 8 and finish_of(events) == "stop"
+    assert sim.billing.records[0]["completion_tokens"] == tokens_in(content_of(events))
+
+
+async def test_long_answers_run_to_max_tokens_or_the_default_cap(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(seed=3, long_answer_rate=1.0, default_max_tokens=300)
+    async with running_simulator(config) as sim:
+        uncapped = parse_sse((await post(session, sim.base_url, chat()))[2])[0]
+        capped = parse_sse((await post(session, sim.base_url, chat(max_tokens=100)))[2])[0]
+    assert usage_of(uncapped)["completion_tokens"] == 300 and finish_of(uncapped) == "length"
+    assert usage_of(capped)["completion_tokens"] == 100 and finish_of(capped) == "length"
+    assert content_of(uncapped).startswith(content_of(capped))
+    async with running_simulator(SimulatorConfig(seed=3, long_answer_rate=0.3)) as some:
+        lengths = [
+            orjson.loads((await post(session, some.base_url, chat(f"q{i}", stream=False)))[2])["usage"][
+                "completion_tokens"
+            ]
+            for i in range(40)
+        ]
+    long = [n for n in lengths if n == 4096]  # GonkaGate's default max_tokens
+    assert 4 <= len(long) <= 24 and all(n <= 64 for n in lengths if n != 4096)
+
+
+async def test_answers_grow_every_n_requests(session: aiohttp.ClientSession) -> None:
+    config = SimulatorConfig(
+        seed=2, growth_every=2, growth_factor=3.0, min_completion_tokens=10, max_completion_tokens=10
+    )
+    async with running_simulator(config) as sim:
+        lengths = [
+            usage_of(parse_sse((await post(session, sim.base_url, chat(f"q{i}")))[2])[0])["completion_tokens"]
+            for i in range(8)
+        ]
+        capped = usage_of(parse_sse((await post(session, sim.base_url, chat(max_tokens=50)))[2])[0])
+    assert lengths == [10, 10, 30, 30, 90, 90, 270, 270]
+    assert capped["completion_tokens"] == 50
+
+
+def test_cli_simulate_flags_reach_the_server(tmp_path: Path) -> None:
+    log = tmp_path / "billing.jsonl"
+    cmd = [
+        sys.executable, "-m", "batchgate", "simulate", "--billing-log", str(log), "--strict-models",
+        "--quota-status", "402", "--balance", "0.00001", "--key-limits", "--key-burst-limit", "3",
+        "--separate-usage-rate", "1", "--models-empty",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+
+        async def probe() -> list[int]:
+            async with aiohttp.ClientSession() as s:
+                statuses = [(await post(s, url, chat(model="no/such-model")))[0]]
+                _, _, raw = await post(s, url, chat())
+                statuses.append(500 if b'"choices":[],"usage"' not in raw else 200)
+                statuses += [(await post(s, url, chat()))[0] for _ in range(2)]
+                statuses.append((await get(s, f"{url}/models", AUTH))[2]["data"] == [])
+                return statuses
+
+        assert asyncio.run(probe()) == [404, 200, 402, 429, True]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 5) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Usually a valid value, sometimes any JSON at all."""
+    return st.integers(0, 7).flatmap(lambda k: valid if k else _json)
+
+
+_tool = st.fixed_dictionaries(
+    {"type": mostly(st.just("function")), "function": st.fixed_dictionaries({"name": mostly(st.sampled_from("fg"))})}
+)
+_bodies = st.fixed_dictionaries(
+    {
+        "model": mostly(st.sampled_from([MODEL, REASONER, "x"])),
+        "messages": mostly(
+            st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": mostly(st.text())}), min_size=1)
+        ),
+    },
+    optional={
+        "stream": mostly(st.booleans()),
+        "n": mostly(st.integers(1, 4)),
+        "max_tokens": mostly(st.integers(1, 6)),
+        "tools": mostly(st.lists(_tool, min_size=1, max_size=3)),
+        "tool_choice": mostly(st.sampled_from(["auto", "none", "required"])),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bodies=st.lists(_bodies, min_size=1, max_size=8))
+def test_any_body_gets_an_answer_or_a_400_with_a_string_code(bodies: list[dict[str, Any]]) -> None:
+    async def run() -> None:
+        async with running_simulator(SimulatorConfig(tokens_per_chunk=2)) as sim, aiohttp.ClientSession() as s:
+            # Each body as given and, when it does not say, as a stream too.
+            for body in bodies + [{**b, "stream": True} for b in bodies if "stream" not in b]:
+                status, headers, raw = await post(s, sim.base_url, body)
+                assert headers["x-request-id"].startswith("req_")
+                if status == 400:
+                    assert orjson.loads(raw)["error"]["code"] == "invalid_request_error"
+                    continue
+                assert status == 200, raw
+                if body.get("stream") is True:
+                    events = parse_sse(raw)[0]
+                    assert usage_of(events)["completion_tokens"] == sim.billing.records[-1]["completion_tokens"]
+                else:
+                    answer = orjson.loads(raw)
+                    assert len(answer["choices"]) == body.get("n", 1) or body.get("n") is None
+
+    asyncio.run(run())
+
+
+async def test_rich_answers_keep_their_content_under_delays_keepalives_and_a_stall(
+    session: aiohttp.ClientSession,
+) -> None:
+    body = chat("Plan a trip", model=REASONER, tools=TOOLS, n=2)
+    async with running_simulator(SimulatorConfig(seed=8, separate_usage_rate=0.0)) as fast:
+        reference = parse_sse((await post(session, fast.base_url, body))[2])[0]
+    config = SimulatorConfig(
+        seed=8,
+        separate_usage_rate=0.0,
+        token_delay_s=0.002,
+        first_token_delay_s=0.05,
+        keepalive_rate=0.5,
+        tokens_per_chunk=2,
+        stall_rate=1.0,
+        stall_s=0.1,
+    )
+    async with running_simulator(config) as slow:
+        started = time.monotonic()
+        status, _, raw = await post(session, slow.base_url, body)
+        elapsed = time.monotonic() - started
+    events, comments = parse_sse(raw)
+    assert status == 200 and comments >= 1 and elapsed >= 0.15
+    for i in range(2):
+        assert content_of(events, i) == content_of(reference, i)
+        assert reasoning_of(events, i) == reasoning_of(reference, i)
+        assert tool_calls_of(events, i) == tool_calls_of(reference, i)
+        assert finish_of(events, i) == finish_of(reference, i)
+    assert usage_of(events) == usage_of(reference)
+    [record] = slow.billing.records
+    assert record["status"] == "completed" and record["fault"] == "stall"
+    assert record["choices"] == fast.billing.records[0]["choices"]
+
+
+def test_run_simulate_meets_the_per_key_limits(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"id": "p{i}", "prompt": "question {i}", "model": "{MODEL}"}}\n' for i in range(56)))
+    res = subprocess.run(
+        [sys.executable, "-m", "batchgate", "run", str(prompts), "--simulate", "--concurrency", "56",
+         "--sim-token-delay", "0.02", "--json", "-q", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = orjson.loads(res.stdout.splitlines()[-1])
+    # 56 streams at once against a 50-stream key: the extra ones are refused, retried, and all finish.
+    assert summary["ok"] == 56 and summary["rate_limited"] >= 1

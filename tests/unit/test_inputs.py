@@ -264,3 +264,32 @@ def test_meta_travels_with_the_record_and_must_be_an_object(tmp_path: Path) -> N
     ]
     first = next(iter_records([path], default_model=MODEL))
     assert first.meta == {"k": [1]} and "meta" not in first.body
+
+
+def test_a_misspelt_prompt_key_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.jsonl", {"promt": "x"}, {"mesages": []}, {"other": 1})
+    assert [p.message for p in validate([path], default_model=MODEL).problems] == [
+        'needs "prompt" or "messages" (is "promt" a typo?)',
+        'needs "prompt" or "messages" (is "mesages" a typo?)',
+        'needs "prompt" or "messages"',
+    ]
+
+
+def test_json_written_by_json_dump_gets_a_hint_to_convert_it(tmp_path: Path) -> None:
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('[\n  {\n    "prompt": "x"\n  }\n]\n')
+    problems = validate([pretty], default_model=MODEL).problems
+    assert problems[0].message == (
+        "invalid JSON: unexpected end of data at column 1 (a JSON array? batchgate reads JSON Lines, "
+        "one object per line: jq -c '.[]' FILE > FILE.jsonl)"
+    )
+    assert problems[1].message.endswith(
+        "(an object spread over several lines? write each on one line: jq -c . FILE > FILE.jsonl)"
+    )
+    one_line = tmp_path / "array.json"
+    one_line.write_text('[{"prompt": "x"}, {"prompt": "y"}]\n')
+    assert (
+        validate([one_line], default_model=MODEL)
+        .problems[0]
+        .message.startswith("expected a JSON object, got an array (a JSON array? batchgate reads JSON Lines")
+    )

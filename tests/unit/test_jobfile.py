@@ -49,7 +49,7 @@ def test_name_defaults_to_stem_and_single_input_string(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ('inputs = ["a.jsonl"]\nmax_cost = 3\n', "max_cost: unknown key"),
+        ('inputs = ["a.jsonl"]\nmax_cost = 3\n', "max_cost: unknown key: did you mean max_cost_usd?"),
         ("inputs = []\n", "inputs: must be a list"),
         ('inputs = ["a.jsonl"]\nconcurrency = "8"\n', "concurrency: must be int, not str"),
         ('inputs = ["a.jsonl"]\nconcurrency = true\n', "concurrency: must be int, not bool"),

@@ -320,7 +320,7 @@ def test_format_of_a_clean_report_is_empty(tmp_path: Path) -> None:
     report = validate([write(tmp_path / "p.jsonl", {"prompt": "x"})], default_model=MODEL)
     assert report.ok()
     assert report.format() == ""
-    assert report == ValidationReport([], 0, 1, 1)
+    assert report == ValidationReport([], 0, 1, 1, models={MODEL: [str(tmp_path / "p.jsonl"), 1, 1]})
 
 
 def test_input_problem_prints_path_line_message() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchgate.sse import SSEDecoder
+from batchgate.sse import SSEDecoder, SSEOverflow
 
 GONKAGATE_STREAM = (
     b'data: {"id":"chatcmpl-abc123","object":"chat.completion.chunk","choices":[{"index":0,'
@@ -121,3 +124,53 @@ def test_one_event_per_read_fast_path_agrees_with_general_path(chunks: list[byte
 
 def test_empty_read_between_cr_and_lf() -> None:
     assert decode([b"data: a\r", b"", b"\ndata: b\n\n"]) == [b"a\nb"]
+
+
+# -- progress and bounded memory -----------------------------------------------------------------
+
+
+def test_comment_reads_are_not_progress_but_data_reads_are() -> None:
+    dec = SSEDecoder()
+    assert dec.feed(b": keep-alive\n\n") == [] and not dec.took_data()
+    assert dec.feed(b": keep-alive\n\n: ping\n") == [] and not dec.took_data()
+    assert dec.feed(b'data: {"a"') == [] and dec.took_data()  # part of a data line
+    assert dec.feed(b":1}") == [] and dec.took_data()  # more of the same line
+    assert dec.feed(b"\n") == [] and dec.took_data()  # the line ends; the event still open
+    assert dec.feed(b": keep-alive\n") == [] and not dec.took_data()
+    assert dec.feed(b"\n") == [b'{"a":1}']
+
+
+def test_a_line_over_the_cap_raises_whatever_the_read_sizes() -> None:
+    dec = SSEDecoder(max_event_bytes=1000)
+    dec.feed(b"data: ")
+    with pytest.raises(SSEOverflow, match="longer than 1000"):
+        for _ in range(100):
+            dec.feed(b"x" * 64)
+    with pytest.raises(SSEOverflow):
+        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"y" * 2000 + b"\n\n")
+
+
+def test_an_event_of_many_small_lines_over_the_cap_raises() -> None:
+    dec = SSEDecoder(max_event_bytes=1000)
+    with pytest.raises(SSEOverflow, match="event is larger"):
+        for _ in range(1000):
+            dec.feed(b"data: 0123456789\n")
+    with pytest.raises(SSEOverflow):
+        SSEDecoder(max_event_bytes=100).feed(b"data\n" * 200)
+
+
+def test_events_under_the_cap_pass() -> None:
+    dec = SSEDecoder(max_event_bytes=1000)
+    assert dec.feed(b"data: " + b"z" * 900 + b"\n\n") == [b"z" * 900]
+
+
+def test_a_long_line_in_many_reads_is_linear_not_quadratic() -> None:
+    # 8 MB in 4 KiB reads: re-copying the buffer on every read would move ~8 GB.
+    dec = SSEDecoder(max_event_bytes=16 << 20)
+    piece = b"a" * 4096
+    t0 = time.process_time()
+    assert dec.feed(b"data: ") == []
+    for _ in range(2048):
+        assert dec.feed(piece) == []
+    assert dec.feed(b"\n\n") == [piece * 2048]
+    assert time.process_time() - t0 < 1.0

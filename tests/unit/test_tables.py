@@ -406,3 +406,24 @@ def test_parquet_rows_of_any_shape_never_crash(
         path = Path(tmp) / "t.parquet"
         pq.write_table(table[0], path, row_group_size=2)
         _check([path], table[1], template, id_column)
+
+
+def test_parquet_validation_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
+    """Python-side peak while validating 10x the rows grows by the 8-byte id hashes, not by the rows."""
+    import tracemalloc
+
+    peaks = {}
+    for n in (5_000, 50_000):
+        path = tmp_path / f"t{n}.parquet"
+        table = pa.table({"id": pa.array(range(n), pa.int64()), "text": pa.array([f"question {i}" for i in range(n)])})
+        pq.write_table(table, path, row_group_size=5_000)
+        del table
+        tracemalloc.start()
+        try:
+            report = validate([path], default_model=MODEL, template="Q: {{ text }}", id_column="id")
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert report.ok() and report.records == n
+    # 45k more rows: their hashes take 360 kB; rows kept in memory would take tens of MB.
+    assert peaks[50_000] - peaks[5_000] < 3 * 8 * 45_000, peaks

@@ -1,0 +1,170 @@
+"""What a resumed start may skip, so a rerun over millions of finished prompts starts at once.
+
+Two shortcuts, both keyed by the identity of the inputs (path, device, inode, size and
+modification time of every input and template file) and of everything that shapes the requests
+(model, chat defaults, system prompt, schema, samples, shard, batchgate's version):
+
+* **validation**: inputs unchanged since a run validated them are not validated again
+  (``inputs.json``);
+* **the done prefix**: every request before input position (input, line) was answered ``ok``
+  when the last run ended, so the next one starts reading there; answers that finished beyond
+  that point are kept apart (a few, since workers finish nearly in order) in the resume index.
+
+A pipe or standard input has no identity: nothing is skipped for it.  Edit an input, or change
+a setting that changes the requests, and both shortcuts are off for that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import importlib.metadata
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["VALIDATED_NAME", "Watermark", "inputs_key", "load_validation", "save_validation"]
+
+VALIDATED_NAME = "inputs.json"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("batchgate")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+def _identity(path: str | os.PathLike[str]) -> list[Any] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None  # a pipe, a FIFO, a terminal: read once, never the same twice
+    return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def inputs_key(paths: list[Path], settings: dict[str, Any]) -> str | None:
+    """A digest of the inputs' identity and the request-shaping settings; None when one cannot be had."""
+    if len({str(p) for p in paths}) != len(paths):
+        return None
+    ids: list[Any] = []
+    for p in paths:
+        ident = None if str(p) == "-" else _identity(p)
+        if ident is None:
+            return None
+        ids.append(ident)
+    shaped = dict(settings)
+    for name in ("template", "system_template"):
+        value = shaped.get(name)
+        if isinstance(value, Path):
+            ident = _identity(value)
+            if ident is None:
+                return None
+            shaped[name] = ident
+    doc = {"inputs": ids, "settings": shaped, "version": _version()}
+    return hashlib.blake2b(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS, default=str), digest_size=16).hexdigest()
+
+
+def load_validation(out_dir: Path, key: str | None) -> dict[str, Any] | None:
+    """The validation result a run stored for these very inputs, or None."""
+    if key is None:
+        return None
+    path = out_dir / VALIDATED_NAME
+    try:
+        if path.is_symlink():
+            return None
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("records"), int):
+        return None
+    return doc
+
+
+def save_validation(
+    out_dir: Path, key: str | None, records: int, warnings: str, models: dict[str, Any], write: Any
+) -> None:
+    """Remember that these inputs validated (``write`` is ``ledger.write_atomic``)."""
+    if key is None:
+        return
+    doc = {"key": key, "records": records, "warnings": warnings, "models": models}
+    with contextlib.suppress(OSError):  # a convenience: the next run validates again
+        write(out_dir / VALIDATED_NAME, orjson.dumps(doc))
+
+
+class Watermark:
+    """Tracks the first request (in input order) not yet answered ok, as rows are written out of order.
+
+    ``complete`` and ``fail`` take the sequence number each request got in input order.  Memory
+    is what finished beyond the mark: about the concurrency, unless a failed request holds the
+    mark back; past ``cap`` entries the tracking gives up (the next start reads everything).
+    """
+
+    def __init__(self, first_seq: int = 0, samples: int = 1, cap: int = 200_000) -> None:
+        self.mark = first_seq  # every seq below it is ok
+        self.samples = samples
+        self.cap = cap
+        self.blocked = False  # a failed request sits at the mark
+        self.given_up = False
+        self._ahead: list[int] = []  # heap of ok seqs beyond the mark
+        self._keys: dict[int, tuple[str, str | None]] = {}  # ok seqs >= the mark's record: their key, fp
+        self._pos: dict[int, tuple[int, int, int]] = {}  # seq -> (input, line, sample) from the mark on
+
+    def seen(self, seq: int, position: tuple[int, int], sample: int) -> None:
+        if not self.given_up:
+            self._pos[seq] = (position[0], position[1], sample)
+            if len(self._pos) > self.cap:
+                self._give_up()
+
+    def complete(self, seq: int, key: str, fingerprint: str | None) -> None:
+        if self.given_up:
+            return
+        self._keys[seq] = (key, fingerprint)
+        if seq == self.mark and not self.blocked:
+            self._advance()
+        else:
+            heapq.heappush(self._ahead, seq)
+            if len(self._ahead) > self.cap:
+                self._give_up()
+
+    def fail(self, seq: int) -> None:
+        if seq == self.mark:
+            self.blocked = True
+
+    def _advance(self) -> None:
+        ahead = self._ahead
+        self.mark += 1
+        while ahead and ahead[0] == self.mark:
+            heapq.heappop(ahead)
+            self.mark += 1
+        self._forget_before(self.mark - self.samples)
+
+    def _forget_before(self, seq: int) -> None:
+        for old in [s for s in self._pos if s < seq]:
+            del self._pos[old]
+            self._keys.pop(old, None)
+
+    def _give_up(self) -> None:
+        self.given_up = True
+        self._ahead.clear()
+        self._keys.clear()
+        self._pos.clear()
+
+    def at_mark(self) -> tuple[tuple[int, int, int], list[tuple[str, str | None]]] | None:
+        """((input, line, requests before it), answers ok beyond it) for the record at the mark.
+
+        The prefix stops at the record's first sample, so every request it skips is ok.  None
+        when the tracking gave up or the mark's position was never seen.
+        """
+        where = None if self.given_up else self._pos.get(self.mark)
+        if where is None:
+            return None
+        start = self.mark - where[2]
+        beyond = [kf for seq, kf in self._keys.items() if seq >= start]
+        return (where[0], where[1], start), beyond

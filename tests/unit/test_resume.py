@@ -1,0 +1,65 @@
+"""The done-prefix watermark and the identity of inputs (what a resumed start may skip)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchgate.resume import Watermark, inputs_key
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_prefix_never_skips_a_request_that_is_not_ok(data: st.DataObject) -> None:
+    samples = data.draw(st.integers(1, 3))
+    records = data.draw(st.integers(1, 30))
+    n = records * samples
+    outcome = data.draw(st.lists(st.sampled_from(["ok", "failed", "open"]), min_size=n, max_size=n))
+    order = data.draw(st.permutations(range(n)))
+    mark = Watermark(0, samples)
+    for seq in range(n):
+        mark.seen(seq, (0, seq // samples + 1), seq % samples)
+    for seq in order:
+        if outcome[seq] == "ok":
+            mark.complete(seq, f"k{seq}", None)
+        elif outcome[seq] == "failed":
+            mark.fail(seq)
+    leading_ok = next((i for i, o in enumerate(outcome) if o != "ok"), n)
+    assert mark.mark == leading_ok
+    if leading_ok == n:
+        return
+    found = mark.at_mark()
+    assert found is not None
+    (inp, line, requests), beyond = found
+    assert requests == leading_ok - leading_ok % samples  # the record's first sample
+    assert line == requests // samples + 1 and inp == 0
+    assert sorted(k for k, _ in beyond) == sorted(f"k{i}" for i in range(requests, n) if outcome[i] == "ok")
+
+
+def test_tracking_gives_up_instead_of_growing_without_bound() -> None:
+    mark = Watermark(0, 1, cap=10)
+    mark.seen(0, (0, 1), 0)
+    mark.fail(0)
+    for seq in range(1, 50):
+        mark.seen(seq, (0, seq + 1), 0)
+        mark.complete(seq, f"k{seq}", None)
+    assert mark.given_up and mark.at_mark() is None
+
+
+def test_inputs_key_changes_with_the_file_or_the_settings_and_pipes_have_none(tmp_path: Path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n')
+    key = inputs_key([f], {"model": "m"})
+    assert key is not None and key == inputs_key([f], {"model": "m"})
+    assert inputs_key([f], {"model": "other"}) != key
+    f.write_text('{"prompt": "b"}\n')
+    os.utime(f, ns=(1, 1))
+    assert inputs_key([f], {"model": "m"}) != key
+    assert inputs_key([Path("-")], {}) is None
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert inputs_key([fifo], {}) is None
+    assert inputs_key([f, f], {}) is None
