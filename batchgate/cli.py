@@ -13,10 +13,9 @@ import functools
 import gc
 import os
 import resource
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,11 +24,11 @@ import orjson
 from click.core import ParameterSource
 
 from . import jobs
+from .cli_display import Log, signals
 from .config import BASE_URL_ENV, DEFAULT_BASE_URL, KEY_ENV, RunConfig, load_api_key
 from .errors import BatchgateError, InputError, OutputLocked
 from .jobfile import load_job
 from .ledger import LEDGER_NAME
-from .models import RunSummary
 from .runner import Runner
 
 T = TypeVar("T")
@@ -40,8 +39,20 @@ SIMULATOR_KEY = "gp-simulator"
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"batchgate: {message}", err=True)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("log_format") == "json":  # cron logs: JSON lines only
+        Log(False, "json").error(message)
+    else:
+        click.echo(f"batchgate: {message}", err=True)
     sys.exit(code)
+
+
+def _warn(opts: dict[str, Any], message: str) -> None:
+    """A warning before the run starts; a JSON line under --log-format json (cron logs hold nothing else)."""
+    if opts.get("log_format") == "json":
+        Log(False, "json").emit("warning", message=message)
+    else:
+        click.echo(f"batchgate: warning: {message}", err=True)
 
 
 def _guard(fn: Callable[..., T]) -> Callable[..., T]:
@@ -74,7 +85,7 @@ def _guard(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="batchgate")
+@click.version_option(None, "-V", "--version", package_name="batchgate")
 def main() -> None:
     """Stream JSONL prompt files to the GonkaGate chat API and account for every cent."""
 
@@ -170,6 +181,27 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="N shards, K from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) + 1.",
         ),
         click.option("--rpm", type=click.FloatRange(0, min_open=True), help="Cap on requests started per minute."),
+        click.option(
+            "--key-limits/--no-key-limits",
+            envvar="BATCHGATE_KEY_LIMITS",
+            default=True,
+            show_default=True,
+            help="Stay within one GonkaGate key's limits (50 concurrent, 600/min, 200 per 10 s).",
+        ),
+        click.option(
+            "--key-concurrency",
+            type=click.IntRange(1),
+            default=50,
+            show_default=True,
+            help="Concurrent requests your key allows (raise it only if GonkaGate raised it for you).",
+        ),
+        click.option(
+            "--key-rpm",
+            type=click.FloatRange(0, min_open=True),
+            default=600.0,
+            show_default=True,
+            help="Requests per minute your key allows (the 10-s burst is a third of it).",
+        ),
         click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True),
         click.option(
             "--idle-timeout",
@@ -246,7 +278,7 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         if opts.get("strict") and spec.warnings:
             raise InputError("\n".join(w + " (--strict)" for w in spec.warnings))
         for warning in spec.warnings:
-            click.echo(f"batchgate: warning: {warning}", err=True)
+            _warn(opts, warning)
     if opts.get("template") is not None and opts.get("prompt_text") is not None:
         raise InputError("give either --template FILE or --prompt TEXT, not both")
     template = opts.get("template") if opts.get("template") is not None else opts.get("prompt_text")
@@ -259,7 +291,7 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
     key_warnings: list[str] = []
     api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"], warn=key_warnings)
     for warning in key_warnings:
-        click.echo(f"batchgate: warning: {warning}", err=True)
+        _warn(opts, warning)
     config = RunConfig(
         out_dir=out_dir,
         api_key=api_key,
@@ -272,6 +304,9 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         backoff_base_s=opts["backoff"],
         max_cost_usd=opts["max_cost"],
         rpm=opts["rpm"],
+        key_concurrency=opts["key_concurrency"] if opts.get("key_limits", True) else None,
+        key_rpm=opts["key_rpm"] if opts.get("key_limits", True) else None,
+        key_burst_10s=opts["key_rpm"] / 3 if opts.get("key_limits", True) else None,
         grace_s=opts["grace"],
         jobs=[job_name] * len(inputs) if job_name else None,
         chat_defaults=chat,
@@ -287,6 +322,12 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         reask=opts.get("reask") or 0,
         on_length=opts.get("on_length") or "keep",
     )
+    if config.key_concurrency is not None and config.concurrency > config.key_concurrency:
+        click.echo(
+            f"batchgate: warning: GonkaGate allows {config.key_concurrency} concurrent requests per key; running at "
+            f"{config.key_concurrency} (--key-concurrency N if your key allows more)",
+            err=True,
+        )
     return inputs, config, opts
 
 
@@ -339,16 +380,16 @@ def run(ctx: click.Context, **opts: Any) -> None:
     Rerunning the same command resumes: prompts already answered are skipped, failed ones retried.
     """
     inputs, config, opts = _settings(ctx, opts)
-    log = _Log(opts["quiet"], opts["log_format"])
+    log = Log(opts["quiet"], opts["log_format"])
     _ensure_file_descriptors(config, log)
     _tune_gc()
     runner = Runner(inputs, config)
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
     for notice in runner.notices:
-        log.error(notice)
+        log.notice(notice)
     log.summary(summary, runner.stop_message)
     if not opts["no_report"]:
-        _write_reports(config.out_dir, opts["quiet"])
+        _write_reports(config.out_dir, opts["quiet"] or log.json)  # json: the end event says it all
     if opts["as_json"]:
         click.echo(orjson.dumps(summary.as_dict()).decode())
     sys.exit(summary.exit_code)
@@ -427,7 +468,7 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
     from . import estimate as estimating
 
     inputs, config, opts = _settings(ctx, opts)
-    log = _Log(opts["quiet"], opts["log_format"])
+    log = Log(opts["quiet"], opts["log_format"])
     _ensure_file_descriptors(config, log)
     plan = estimating.draw_sample(inputs, config, sample=opts["sample"], seed=opts["seed"])
     runner = Runner(inputs, config, records=plan.drawn)
@@ -456,7 +497,7 @@ def _raise_open_files(want: int) -> int:
     return soft
 
 
-def _ensure_file_descriptors(config: RunConfig, log: _Log) -> None:
+def _ensure_file_descriptors(config: RunConfig, log: Log) -> None:
     """One socket per stream: without enough descriptors, --concurrency 3000 fails connects with EMFILE.
 
     When the hard limit is too low, run at the concurrency it allows and say so rather than fail prompts.
@@ -480,12 +521,13 @@ def _tune_gc() -> None:
     gc.set_threshold(10_000, 50, 100)
 
 
-async def _drive(runner: Runner, opts: dict[str, Any], log: _Log, work: Awaitable[T]) -> T:
+async def _drive(runner: Runner, opts: dict[str, Any], log: Log, work: Awaitable[T]) -> T:
     """Run ``work`` with the simulator (if asked), signal handling and progress output around it."""
     async with _maybe_simulator(opts) as sim_url:
         if sim_url:
             runner.config.base_url = sim_url
-        with _signals(runner):
+        log.start(runner, runner.inputs)
+        with signals(runner, log):
             progress = asyncio.create_task(log.progress(runner, opts["log_every"]))
             try:
                 return await work
@@ -512,169 +554,6 @@ async def _maybe_simulator(opts: dict[str, Any]) -> Any:
     )
     async with running_simulator(cfg) as sim:
         yield sim.base_url
-
-
-@contextlib.contextmanager
-def _signals(runner: Runner) -> Iterator[None]:
-    """First SIGINT/SIGTERM: finish what is in flight; a second one: cancel it now."""
-    loop = asyncio.get_running_loop()
-    names = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
-
-    def handle(sig: signal.Signals) -> None:
-        if runner.stopping:
-            runner.cancel_in_flight()
-            return
-        runner.request_stop(names[sig], "stopped by a signal; rerun the same command to resume where this run stopped.")
-        loop.call_later(runner.config.grace_s, runner.cancel_in_flight)
-
-    for sig in names:
-        loop.add_signal_handler(sig, handle, sig)
-    try:
-        yield
-    finally:
-        for sig in names:
-            loop.remove_signal_handler(sig)
-
-
-class _Log:
-    """Progress and the final summary: a live bar on a terminal, plain or JSON lines otherwise."""
-
-    def __init__(self, quiet: bool, fmt: str) -> None:
-        self.quiet = quiet
-        self.json = fmt == "json"
-        self.started = time.monotonic()
-
-    async def progress(self, runner: Runner, every_s: float) -> None:
-        if self.quiet:
-            return
-        if sys.stderr.isatty() and not self.json:
-            await self._bar(runner)
-            return
-        while True:
-            await asyncio.sleep(every_s)
-            self._line(runner)
-
-    def _fields(self, runner: Runner) -> dict[str, Any]:
-        s = runner.summary
-        elapsed = time.monotonic() - self.started
-        done = s.ok + s.failed + s.skipped
-        rate = (s.ok + s.failed) / elapsed if elapsed > 0 else 0.0
-        left = max(0, runner.total - done)
-        return {
-            "done": done,
-            "total": runner.total,
-            "ok": s.ok,
-            "failed": s.failed,
-            "skipped": s.skipped,
-            "in_flight": runner.in_flight,
-            "completion_tokens": s.completion_tokens,
-            "tokens_per_s": round(s.completion_tokens / elapsed, 1) if elapsed > 0 else 0.0,
-            "total_cost_usd": round(s.total_cost_usd, 6),
-            "unconfirmed_cost_usd": round(s.unconfirmed_cost_usd, 6),
-            "concurrency": int(runner.throttle.limit),
-            "elapsed_s": round(elapsed, 1),
-            "eta_s": round(left / rate, 0) if rate > 0 else None,
-        }
-
-    def _line(self, runner: Runner) -> None:
-        f = self._fields(runner)
-        if self.json:
-            click.echo(orjson.dumps({"ts": _now(), "event": "progress", **f}).decode(), err=True)
-        else:
-            eta = f"{f['eta_s']:.0f}s" if f["eta_s"] is not None else "?"
-            click.echo(
-                f"{_now()} progress {f['done']}/{f['total']} ok={f['ok']} failed={f['failed']} "
-                f"in_flight={f['in_flight']} tok/s={f['tokens_per_s']:.0f} usd={f['total_cost_usd']:.6f} "
-                f"concurrency={f['concurrency']} eta={eta}",
-                err=True,
-            )
-
-    async def _bar(self, runner: Runner) -> None:
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-        with Progress(
-            TextColumn("[bold]batchgate"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            transient=True,
-        ) as bar:
-            task = bar.add_task("run", total=None, stats="")
-            while True:
-                f = self._fields(runner)
-                bar.update(
-                    task,
-                    total=f["total"] or None,
-                    completed=f["done"],
-                    stats=(
-                        f"ok {f['ok']} failed {f['failed']} · {f['tokens_per_s']:,.0f} tok/s"
-                        f" · ${f['total_cost_usd']:.4f}"
-                    ),
-                )
-                await asyncio.sleep(0.2)
-
-    def summary(self, s: RunSummary, stop_message: str | None) -> None:
-        if stop_message:
-            self.error(stop_message)
-        if self.quiet:
-            return
-        if self.json:
-            click.echo(orjson.dumps({"ts": _now(), "event": "summary", **s.as_dict()}).decode(), err=True)
-        rate = s.requests / s.wall_s if s.wall_s > 0 else 0.0
-        lines = [
-            f"run {s.run_id} → {s.out}",
-            f"  requests  {s.requests} ({s.ok} ok, {s.failed} failed, {s.skipped} already done)"
-            + (f", {s.retries} retries" if s.retries else ""),
-            f"  tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
-            f"  cost      ${s.total_cost_usd:.6f} confirmed",
-        ]
-        if s.unconfirmed_cost_usd or s.unconfirmed_unpriced_tokens:
-            extra = f"  unconfirmed ~${s.unconfirmed_cost_usd:.6f} (streams cut before their usage chunk"
-            if s.unconfirmed_unpriced_tokens:
-                extra += f"; {s.unconfirmed_unpriced_tokens} tokens not priced"
-            lines.append(extra + ")")
-        if s.possibly_billed_attempts:
-            unpriced = f", {s.possibly_billed_unpriced} not priced" if s.possibly_billed_unpriced else ""
-            lines.append(
-                f"  possibly billed  up to ${s.possibly_billed_usd:.6f} for {s.possibly_billed_attempts} attempt(s)"
-                f" in flight when a run of this directory died{unpriced}"
-            )
-        if s.stale:
-            lines.append(
-                f"  changed   {s.stale} answered prompt(s) changed since (prompt, model or defaults): asked again"
-            )
-        if s.warnings:
-            odd = ", ".join(f"{k} {v}" for k, v in sorted(s.warnings.items()))
-            lines.append(f"  warnings  {odd} (answers kept; see the ledger's warnings column)")
-        if s.invalid or s.reasks or s.length_cut:
-            lines.append(
-                f"  answers   {s.invalid} not matching the schema (kept, valid: false), {s.reasks} re-asks "
-                f"(${s.reask_cost_usd:.6f}, in the cost above), {s.length_cut} cut at max_tokens"
-            )
-        if s.failures_by_cause:
-            causes = ", ".join(f"{k} {v}" for k, v in sorted(s.failures_by_cause.items(), key=lambda kv: -kv[1]))
-            lines.append(f"  failures  {causes}")
-        if s.rate_limited:
-            lines.append(
-                f"  429s      {s.rate_limited}, slowed down {s.slowdowns}x"
-                f" (concurrency went down to {s.min_concurrency})"
-            )
-        if s.outage_pauses:
-            lines.append(f"  outages   paused {s.outage_pauses}x after failures in a row (server or network down)")
-        lines.append(f"  time      {s.wall_s:.1f}s, {rate:.1f} requests/s")
-        click.echo("\n".join(lines))
-
-    def error(self, message: str) -> None:
-        if self.json:
-            click.echo(orjson.dumps({"ts": _now(), "event": "error", "message": message}).decode(), err=True)
-        else:
-            click.echo(f"batchgate: {message}", err=True)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _write_reports(out_dir: Path, quiet: bool) -> None:

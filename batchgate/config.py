@@ -32,6 +32,10 @@ class RunConfig:
     backoff_max_s: float = 30.0
     max_cost_usd: float | None = None
     rpm: float | None = None
+    # What one GonkaGate key allows (the docs' rate-limit table); None lifts a limit.
+    key_concurrency: int | None = 50
+    key_rpm: float | None = 600.0
+    key_burst_10s: float | None = 200.0
     grace_s: float = 30.0
     jobs: list[str] | None = None  # job name per input (default: each file's stem)
     chat_defaults: dict[str, Any] = field(default_factory=dict)  # merged under every line's own parameters

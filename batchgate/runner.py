@@ -113,7 +113,13 @@ class Runner:
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         # Key limits off until RunConfig carries key_concurrency / key_rpm / key_burst_10s (lead).
-        self.throttle = Throttle(config.concurrency, config.rpm, key_concurrency=None, key_rpm=None, key_burst_10s=None)
+        self.throttle = Throttle(
+            config.concurrency,
+            config.rpm,
+            key_concurrency=config.key_concurrency,
+            key_rpm=config.key_rpm,
+            key_burst_10s=config.key_burst_10s,
+        )
         self.budget = Budget(config.max_cost_usd, self.prices) if config.max_cost_usd is not None else None
         self._probes: dict[str, asyncio.Event] = {}
         self._started = time.monotonic()

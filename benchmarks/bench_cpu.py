@@ -171,7 +171,16 @@ async def _batchgate(url: str, prompts: Path, out: Path, concurrency: int) -> in
     """The real Runner: validation, lock, ledger, tenacity retries, pricing, run.json."""
     import batchgate
 
-    config = batchgate.RunConfig(out_dir=out / "bg", api_key=API_KEY, base_url=url, concurrency=concurrency)
+    config = batchgate.RunConfig(
+        out_dir=out / "bg",
+        api_key=API_KEY,
+        base_url=url,
+        concurrency=concurrency,
+        check_models=False,  # the bare loop makes no such call either
+        key_concurrency=None,  # the benchmark simulator enforces no per-key limits
+        key_rpm=None,
+        key_burst_10s=None,
+    )
     summary = await batchgate.run([prompts], config)
     return summary.ok
 

@@ -82,7 +82,16 @@ def write_prompts(folder: Path, n: int, seed: int = 42) -> list[Path]:
 
 
 def config(out: Path, url: str, concurrency: int) -> RunConfig:
-    return RunConfig(out_dir=out, api_key="gp-bench", base_url=url, concurrency=concurrency)
+    return RunConfig(
+        out_dir=out,
+        api_key="gp-bench",
+        base_url=url,
+        concurrency=concurrency,
+        check_models=False,
+        key_concurrency=None,
+        key_rpm=None,
+        key_burst_10s=None,
+    )
 
 
 def summarise(errors: list[float], covered: list[bool], halfwidths: list[float], naive: list[float]) -> dict[str, Any]:

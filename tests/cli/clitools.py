@@ -21,7 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def env(**extra: str) -> dict[str, str]:
+    """The environment of a test's command: none of the developer's settings, and no key limits.
+
+    The test simulator enforces no per-key limits (unless a test asks it to), so runs go at full
+    speed; a test of the limits passes BATCHGATE_KEY_LIMITS=on.
+    """
     e = {k: v for k, v in os.environ.items() if not k.startswith(("GONKAGATE_", "BATCHGATE_"))}
+    e["BATCHGATE_KEY_LIMITS"] = "off"
     e.update(extra)
     return e
 

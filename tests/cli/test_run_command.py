@@ -48,7 +48,9 @@ def test_thousand_prompts_with_every_fault(tmp_path: Path, simulator: Sim) -> No
 def test_bad_input_lists_problems_sends_nothing_exits_2(tmp_path: Path) -> None:
     src = tmp_path / "bad.jsonl"
     src.write_text('{"id": "a", "prompt": "fine"}\n{not json\n\n{"id": "a", "prompt": "dup"}\n{"id": "b"}\n')
-    res = bg("run", str(src), "--model", "sim-model", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"))
+    res = bg(
+        "run", str(src), "--model", "sim-model", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o")
+    )
     assert res.returncode == 2
     assert f"{src}:2:" in res.stderr
     assert f"{src}:4:" in res.stderr and "duplicate" in res.stderr
@@ -66,7 +68,9 @@ def test_missing_key_is_one_clear_line(tmp_path: Path) -> None:
 def test_wrong_key_exits_2_and_never_echoes_it(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 20)
     secret = "sk-this-is-secret-123"
-    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"), key=secret)
+    res = bg(
+        "run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"), key=secret
+    )
     assert res.returncode == 2
     assert "rejected the API key" in res.stderr
     written = b"".join(p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file())

@@ -112,7 +112,18 @@ def test_second_runner_on_same_out_exits_4_naming_the_pid(tmp_path: Path, simula
 def test_fresh_starts_a_new_directory_and_keeps_the_old_ledger(tmp_path: Path, simulator: Sim) -> None:
     src = prompts(tmp_path / "p.jsonl", 10)
     out = tmp_path / "out"
-    base = ["run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(out), "--no-report", "--json"]
+    base = [
+        "run",
+        str(src),
+        "--model",
+        "sim-model",
+        "--base-url",
+        simulator.url,
+        "--out",
+        str(out),
+        "--no-report",
+        "--json",
+    ]
     assert bg(*base).returncode == 0
     before = (out / "results.jsonl").read_bytes()
     res = bg(*base, "--fresh")
@@ -146,7 +157,7 @@ def test_json_log_lines_for_log_shippers(tmp_path: Path, simulator: Sim) -> None
              "--no-report", "--log-format", "json")  # fmt: skip
     assert res.returncode == 0
     events = [orjson.loads(line) for line in res.stderr.splitlines()]
-    assert events[-1]["event"] == "summary" and events[-1]["ok"] == 5
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end" and events[-1]["ok"] == 5
 
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path, simulator: Sim) -> None:

@@ -52,6 +52,10 @@ async def make_run(tmp_path: Path, tag: str, n: int, seed: int, **faults: Any) -
             backoff_base_s=0.001,
             backoff_max_s=0.01,
             idle_timeout_s=0.3,
+            check_models=False,
+            key_concurrency=None,
+            key_rpm=None,
+            key_burst_10s=None,
         )
         await Runner([src], cfg).run()
         return out, sim.billing.completed_total_usd()

@@ -33,6 +33,9 @@ def config(out: Path, url: str, **kw: Any) -> RunConfig:
         backoff_max_s=0.01,
         idle_timeout_s=2.0,
         check_models=False,  # made-up model ids: the simulator serves them, its catalog lacks them
+        key_concurrency=None,  # the simulator here enforces no per-key limits
+        key_rpm=None,
+        key_burst_10s=None,
     )
     base.update(kw)
     return RunConfig(**base)

@@ -761,18 +761,18 @@ async def test_error_bodies_carry_string_codes(
 
 async def test_unknown_models_are_priced_by_default_and_404_when_strict(session: aiohttp.ClientSession) -> None:
     async with running_simulator(SimulatorConfig()) as lenient:
-        status, _, raw = await post(session, lenient.base_url, chat(stream=False, model="sim-model"))
+        status, _, raw = await post(session, lenient.base_url, chat(stream=False, model="made-up-model"))
     assert status == 200
     usage = orjson.loads(raw)["usage"]
     assert (
         usage["total_cost_usd"]
-        == SimulatorConfig().costs("sim-model", usage["prompt_tokens"], usage["completion_tokens"])[2]
+        == SimulatorConfig().costs("made-up-model", usage["prompt_tokens"], usage["completion_tokens"])[2]
     )
     async with running_simulator(SimulatorConfig(strict_models=True)) as strict:
         for model in ("qwen/qwen3-235b-a22b-instruct-2507-fp8", "moonshotai/Kimi-K2.6", MODEL):
             assert (await post(session, strict.base_url, chat(model=model)))[0] == 200
-        status, _, raw = await post(session, strict.base_url, chat(model="sim-model"))
-    assert status == 404 and "sim-model" in orjson.loads(raw)["error"]["message"]
+        status, _, raw = await post(session, strict.base_url, chat(model="made-up-model"))
+    assert status == 404 and "made-up-model" in orjson.loads(raw)["error"]["message"]
     assert strict.billing.events["model_not_found"] == 1 and len(strict.billing.records) == 3
 
 
@@ -1358,5 +1358,13 @@ def test_run_simulate_meets_the_per_key_limits(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     summary = orjson.loads(res.stdout.splitlines()[-1])
-    # 56 streams at once against a 50-stream key: the extra ones are refused, retried, and all finish.
+    # batchgate knows the key allows 50 streams: it never sends the other six into a 429.
+    assert summary["ok"] == 56 and summary["rate_limited"] == 0
+    blind = subprocess.run(
+        [sys.executable, "-m", "batchgate", "run", str(prompts), "--simulate", "--concurrency", "56",
+         "--sim-token-delay", "0.02", "--json", "-q", "--out", str(tmp_path / "blind"), "--no-key-limits"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    summary = orjson.loads(blind.stdout.splitlines()[-1])
+    # Told to ignore the key's limits, 56 streams at once: the extra ones are refused, retried, and all finish.
     assert summary["ok"] == 56 and summary["rate_limited"] >= 1

@@ -31,6 +31,9 @@ async def timed_run(tmp: Path, name: str, prompts: Path, sim_cfg: SimulatorConfi
             backoff_base_s=0.001,
             backoff_max_s=0.01,
             idle_timeout_s=2.0,
+            key_concurrency=None,
+            key_rpm=None,
+            key_burst_10s=None,
         )
         runner = Runner([prompts], cfg)
         t0 = time.perf_counter()

@@ -32,11 +32,19 @@ def test_pure_modules_import_no_io_frameworks(module: str) -> None:
     assert not imports(module) & HEAVY
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in {"cli", "__main__"}))
+#: The command-line layer: the only modules that may import click and print.
+CLI_MODULES = {"cli", "cli_display", "__main__"}
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in CLI_MODULES))
 def test_only_the_cli_imports_click_and_nothing_imports_the_cli(module: str) -> None:
     found = imports(module)
     assert "click" not in found
-    assert ".cli" not in found
+    assert not found & {".cli", ".cli_display"}
+
+
+def test_the_display_never_imports_the_command_module() -> None:
+    assert ".cli" not in imports("cli_display")
 
 
 def test_simulator_never_imports_the_client_side() -> None:
