@@ -141,11 +141,11 @@ def export(
 ) -> ExportResult:
     """Export the answers in ``out`` (a run's output directory, or a parent of ``shard-K-of-N/``) to ``to``.
 
-    The prompts come from ``records`` when given, else from ``inputs``, else from the inputs the
-    run file names; ``default_model``/``chat_defaults``/``system_prompt`` default to the run
-    file's, so the exported ``messages`` are the ones sent.  ``shard_rows``: rows per Parquet
-    file of the ``hf`` format.  Raises ``InputError`` for a bad format, a missing directory, or
-    when the inputs are unknown.
+    The prompts come from ``records`` when given (one per prompt; a record per sample is fine
+    too), else from ``inputs``, else from the inputs the run file names; ``default_model``,
+    ``chat_defaults`` and ``system_prompt`` default to the run file's, so the exported
+    ``messages`` are the ones sent.  ``shard_rows``: rows per Parquet file of the ``hf`` format.
+    Raises ``InputError`` for a bad format, a missing directory, or when the inputs are unknown.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -331,8 +331,12 @@ def _answers(
     """(id, prompt, ledger row) per exported answer, in input order then sample order."""
     runs: dict[str, None] = {}
     it = iter(records)
+    previous: str | None = None
     for batch in iter(lambda: list(itertools.islice(it, _BATCH)), []):
         for rec, hits in zip(batch, index.lookup([r.id for r in batch]), strict=True):
+            if rec.id == previous:  # one record per sample (the runner's expanded stream): done already
+                continue
+            previous = rec.id
             if not hits:
                 result.prompts_without_rows += 1
                 continue

@@ -319,3 +319,18 @@ def test_the_target_folder_is_made_and_a_file_in_the_way_is_an_error(tmp_path: P
             export(out, tmp_path / "blocker" / "x", inputs=[prompts], fmt=fmt)
     with pytest.raises(InputError, match="is a directory"):
         export(out, tmp_path / "new", inputs=[prompts])
+
+
+def test_records_given_per_sample_export_each_answer_once(tmp_path: Path) -> None:
+    import dataclasses
+
+    from batchgate.jobs import iter_records
+
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a", "b"])
+    out = write_ledger(tmp_path / "out", [v2_row(i, s) for i in ("a", "b") for s in range(3)])
+    expanded = [dataclasses.replace(r, sample=s) for r in iter_records([prompts], default_model=None) for s in range(3)]
+    result = export(out, tmp_path / "x.jsonl", records=expanded)
+    assert [(r["id"], r["sample"]) for r in read_jsonl(tmp_path / "x.jsonl")] == [
+        (i, s) for i in ("a", "b") for s in range(3)
+    ]
+    assert result.rows == 6
