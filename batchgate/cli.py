@@ -681,6 +681,118 @@ def status_command(out_dir: Path, as_json: bool) -> None:
     click.echo(orjson.dumps(st.as_dict()).decode() if as_json else format_status(st))
 
 
+# -- cache and budget (helper money) --------------------------------------------------------------
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect and prune an answer cache made by `run --cache DIR`."""
+
+
+def _open_cache(directory: Path) -> Any:
+    from .cache import CACHE_NAME, AnswerCache
+
+    if not (directory / CACHE_NAME).is_file():
+        raise InputError(f"{directory}: no answer cache here (no {CACHE_NAME})")
+    return AnswerCache.open(directory)
+
+
+def _stamp(when: Any) -> str:
+    return "-" if when is None else f"{when:%Y-%m-%dT%H:%MZ}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.2f} MB"
+
+
+@cache_group.command("stats")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_guard
+def cache_stats(directory: Path, as_json: bool) -> None:
+    """How many answers the cache holds, its size, and what its hits saved."""
+    from .budget import format_usd
+
+    with _open_cache(directory) as cache:
+        st = cache.stats()
+    if as_json:
+        doc = {
+            "path": str(st.path), "entries": st.entries, "answers_bytes": st.answers_bytes, "file_bytes": st.file_bytes,
+            "hits": st.hits, "original_cost_usd": st.original_cost_usd, "saved_usd": st.saved_usd,
+            "oldest_at": _stamp(st.oldest_at), "last_used_at": _stamp(st.last_used_at),
+        }  # fmt: skip
+        click.echo(orjson.dumps(doc).decode())
+        return
+    click.echo(f"cache     {st.path}")
+    click.echo(f"answers   {st.entries} ({_mb(st.answers_bytes)} stored, {_mb(st.file_bytes)} on disk)")
+    bought = format_usd(st.original_cost_usd)
+    click.echo(f"hits      {st.hits}, saved {format_usd(st.saved_usd)} (the answers cost {bought} when bought)")
+    click.echo(f"oldest    {_stamp(st.oldest_at)}, last used {_stamp(st.last_used_at)}")
+
+
+@cache_group.command("prune")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), help="Drop answers unused for DAYS days.")
+@click.option("--max-size", "max_size", type=click.FloatRange(min=0), help="Then drop least recently used to fit MB.")
+@_guard
+def cache_prune(directory: Path, older_than: float | None, max_size: float | None) -> None:
+    """Drop old or least recently used answers from a cache (safe while runs use it)."""
+    if older_than is None and max_size is None:
+        raise InputError("cache prune: give --older-than DAYS, --max-size MB, or both")
+    with _open_cache(directory) as cache:
+        res = cache.prune(older_than_days=older_than, max_size_mb=max_size)
+    click.echo(f"removed {res.removed} answers; {res.left} left ({_mb(res.answers_bytes)})")
+
+
+@main.group("budget")
+def budget_group() -> None:
+    """Show what the persistent caps (--max-total-cost, --daily-cap, --monthly-cap) have used."""
+
+
+@budget_group.command("status")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="A run's output directory.")
+@click.option("--budget-file", type=click.Path(dir_okay=False, path_type=Path), help="A shared budget file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_guard
+def budget_status_command(out_dir: Path | None, budget_file: Path | None, as_json: bool) -> None:
+    """Spend recorded for the total, today and this month (UTC), and what running or killed runs hold."""
+    from .budget import budget_status, format_usd
+
+    if out_dir is None and budget_file is None:
+        raise InputError("budget status: give --out DIR, --budget-file PATH, or both")
+    status = budget_status(out_dir, budget_file)
+    if as_json:
+        scopes = [
+            {
+                "path": str(s.path), "scope": s.scope, "window": s.key, "used_usd": s.used_usd,
+                "settled_usd": s.settled_usd, "running_usd": s.running_usd,
+                "possibly_spent_usd": s.possibly_spent_usd, "resets_at": _stamp(s.resets_at) if s.resets_at else None,
+            }
+            for s in status.scopes
+        ]  # fmt: skip
+        click.echo(orjson.dumps({"scopes": scopes, "unreadable_lines": status.unreadable_lines}).decode())
+        return
+    if not status.scopes:
+        click.echo("no spend recorded yet")
+    names = {"total": "total", "daily": "today", "monthly": "this month"}
+    shown: Path | None = None
+    for s in status.scopes:
+        if s.path != shown:
+            click.echo(str(s.path))
+            shown = s.path
+        label = f"{names[s.scope]} {s.key}".strip()
+        line = f"  {label:<22} {format_usd(s.used_usd):>10} used"
+        if s.running_usd > 0:
+            line += f", {format_usd(s.running_usd)} held by running runs"
+        if s.possibly_spent_usd > 0:
+            line += f", {format_usd(s.possibly_spent_usd)} possibly spent by killed runs"
+        if s.resets_at is not None:
+            line += f"; resets {_stamp(s.resets_at)}"
+        click.echo(line)
+    if status.unreadable_lines:
+        click.echo(f"batchgate: {status.unreadable_lines} unreadable line(s) skipped", err=True)
+
+
 # -- simulate ---------------------------------------------------------------------------------------
 
 

@@ -134,7 +134,7 @@ CASES = {
     "batchgate run jobs/nightly.toml": "cron",
     "batchgate report reports/": "report_over_parent",
     "batchgate estimate big.jsonl --sample 200  #": "use_it_for_real",
-    "batchgate estimate big.jsonl --sample 200 --model ... [--max-cost 1.00]": "estimate_section",
+    "batchgate estimate big.jsonl --sample 200 --model qwen/qwen3-235b-a22b-instruct-2507-fp8 [--max-cost 1.00]": "estimate_section",
     "cd /srv/datasets && ": "cron",
     "_BATCHGATE_COMPLETE=bash_source": "completion",
     "_BATCHGATE_COMPLETE=zsh_source": "completion",
@@ -226,7 +226,7 @@ def test_use_it_for_real(sh: Shell) -> None:
 def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
     export = readme("export GONKAGATE_API_KEY=")
     write_prompts(sh.cwd / "prompts.jsonl", 10)
-    assert sh.run(f"{export}\nbatchgate run prompts.jsonl --model m -q --no-report").returncode == 0
+    assert sh.run(f"{export}\nbatchgate run prompts.jsonl --model sim-model -q --no-report").returncode == 0
     assert sh.run(".venv/bin/batchgate run jobs/demo.jsonl --simulate -q --no-report").returncode == 0
     res = sh.run(readme("batchgate report reports/"))
     assert res.returncode == 0, res.stderr
@@ -241,11 +241,11 @@ def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
 
 
 def test_estimate_section_synopsis_with_and_without_the_optional_cap(sh: Shell) -> None:
-    synopsis = readme("batchgate estimate big.jsonl --sample 200 --model ... [")
-    write_prompts(sh.cwd / "big.jsonl", 300)  # no model on the lines: `--model ...` names it
+    synopsis = readme("batchgate estimate big.jsonl --sample 200 --model qwen/qwen3-235b-a22b-instruct-2507-fp8 [")
+    write_prompts(sh.cwd / "big.jsonl", 300)  # no model on the lines: `--model` names it
     bare = re.sub(r"\s*\[[^]]*\]", "", synopsis)  # the [optional] part left out ...
     capped = synopsis.replace("[", "").replace("]", "")  # ... and given
-    assert bare == "batchgate estimate big.jsonl --sample 200 --model ..."
+    assert bare == "batchgate estimate big.jsonl --sample 200 --model qwen/qwen3-235b-a22b-instruct-2507-fp8"
     for command in (bare, capped):
         res = sh.run(command, GONKAGATE_API_KEY="gp-test")
         assert res.returncode == 0, (command, res.stderr)
