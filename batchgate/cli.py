@@ -648,6 +648,91 @@ def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str
         click.echo(f"wrote {f}")
 
 
+# -- export / status -------------------------------------------------------------------------------
+
+
+@main.command("export")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["chat-jsonl", "parquet", "openai-batch", "hf"]),
+    default="chat-jsonl",
+    show_default=True,
+    help="chat-jsonl/parquet: messages + answer per row; openai-batch: Batch API output lines; hf: a dataset folder.",
+)
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path), help="File (or folder, for hf) to write.")
+@click.option("--only-valid", is_flag=True, help="Only answers that passed --json-schema validation.")
+@click.option("--include-failed", is_flag=True, help="Also rows whose prompt failed (no answer).")
+@click.option(
+    "--inputs",
+    "inputs",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The prompt files the run read, when its run file does not name them (repeat for several).",
+)
+@click.option("--model", "default_model", help="Model for lines that name none (default: the run's).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary of the export.")
+@_guard
+def export_command(
+    out_dir: Path,
+    fmt: str,
+    to: Path,
+    only_valid: bool,
+    include_failed: bool,
+    inputs: tuple[Path, ...],
+    default_model: str | None,
+    as_json: bool,
+) -> None:
+    """Write the answers in OUT_DIR (or its shard-K-of-N/ dirs) as a dataset: one row per answer.
+
+    Each row joins the latest answer of an (id, sample) to the messages sent, re-read from the
+    run's inputs. Written to a temporary name and renamed, so PATH is never half written.
+    """
+    from .export import export
+    from .status import is_shard_dir
+
+    result = export(
+        out_dir,
+        to,
+        fmt=fmt,
+        only_valid=only_valid,
+        include_failed=include_failed,
+        inputs=list(inputs) or None,
+        default_model=default_model,
+    )
+    if as_json:
+        click.echo(orjson.dumps(result.as_dict()).decode())
+        return
+    left_out = []
+    if result.failed_skipped:
+        left_out.append(f"{result.failed_skipped:,} failed (--include-failed to keep)")
+    if result.invalid_skipped:
+        left_out.append(f"{result.invalid_skipped:,} not valid")
+    if result.unmatched_rows:
+        left_out.append(f"{result.unmatched_rows:,} answers whose prompt is not in the inputs")
+    click.echo(f"wrote {result.rows:,} rows ({fmt}, ${result.total_cost_usd:.6f}) to {result.path}")
+    if left_out:
+        click.echo("left out: " + "; ".join(left_out))
+    if result.prompts_without_rows and not is_shard_dir(out_dir):  # a shard has only its share
+        click.echo(f"{result.prompts_without_rows:,} prompts of the inputs have no row in this directory")
+
+
+@main.command("status")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@_guard
+def status_command(out_dir: Path, as_json: bool) -> None:
+    """Where a run stands, from its files alone: done/total, failures, spend, rate, ETA, lock holder.
+
+    No network and no lock taken; a parent of shard-K-of-N/ directories shows their sum.
+    """
+    from .status import format_status, status
+
+    st = status(out_dir)
+    click.echo(orjson.dumps(st.as_dict()).decode() if as_json else format_status(st))
+
+
 # -- cache and budget (helper money) --------------------------------------------------------------
 
 
