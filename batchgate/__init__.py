@@ -6,8 +6,9 @@ Library use::
     from pathlib import Path
     import batchgate
 
-    config = batchgate.RunConfig(out_dir=Path("reports/mine"), api_key="gp-...", default_model="...")
+    config = batchgate.RunConfig(out_dir=Path("reports/mine"), api_key=batchgate.load_api_key(), default_model="...")
     summary = asyncio.run(batchgate.run(["prompts.jsonl"], config))
+    batchgate.build_reports([config.out_dir])  # report.html, summary.csv, ... beside the ledger
 """
 
 from .config import RunConfig, load_api_key
@@ -21,6 +22,7 @@ from .errors import (
     RetryableError,
 )
 from .models import LEDGER_FIELDS, PromptRecord, RunSummary
+from .reports import build_reports
 from .runner import Runner, run
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "RunConfig",
     "RunSummary",
     "Runner",
+    "build_reports",
     "load_api_key",
     "run",
 ]

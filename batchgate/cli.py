@@ -320,7 +320,10 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
     if opts.get("template") is not None and opts.get("prompt_text") is not None:
         raise InputError("give either --template FILE or --prompt TEXT, not both")
     template = opts.get("template") if opts.get("template") is not None else opts.get("prompt_text")
-    out_dir: Path = opts["out_dir"] or Path("reports") / (job_name or inputs[0].stem)
+    first = inputs[0]
+    compressed = first.suffix in (".gz", ".bz2", ".zst")
+    stem = "stdin" if str(first) in ("-", "/dev/stdin") else (Path(first.stem).stem if compressed else first.stem)
+    out_dir: Path = opts["out_dir"] or Path("reports") / (job_name or stem)
     shard = _shard(opts.get("shard"), opts.get("shards"))
     if shard is not None:
         out_dir = out_dir / f"shard-{shard[0]}-of-{shard[1]}"

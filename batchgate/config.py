@@ -22,7 +22,7 @@ class RunConfig:
 
     out_dir: Path
     api_key: str = field(repr=False)
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = field(default_factory=lambda: os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
     default_model: str | None = None
     concurrency: int = 16
     max_attempts: int = 5
@@ -99,7 +99,11 @@ def public_settings(config: RunConfig) -> dict[str, Any]:
         if name == "api_key":
             continue
         value = getattr(config, name)
-        out[name] = str(value) if isinstance(value, Path) else value
+        if name in ("template", "system_template") and value is not None:
+            # A template is its text or its file: say which (export re-reads the inputs with it).
+            out[name] = {"path": str(Path(value).resolve())} if isinstance(value, Path) else {"text": value}
+        else:
+            out[name] = str(value) if isinstance(value, Path) else value
     return out
 
 

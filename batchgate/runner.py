@@ -302,7 +302,7 @@ class Runner:
         doc = {
             "run_id": self.run_id,
             "finished": finished,
-            "inputs": [str(p) for p in self.inputs],
+            "inputs": [str(p) if str(p) == "-" else str(p.resolve()) for p in self.inputs],
             "total": self.total,
             "config": public_settings(self.config),
             "summary": self.summary.as_dict(),

@@ -71,7 +71,9 @@ class Shell:
         venv_bin = self.cwd / ".venv" / "bin"
         venv_bin.mkdir(parents=True)
         (venv_bin / "batchgate").symlink_to(BATCHGATE)
-        (venv_bin / "python").symlink_to(sys.executable)
+        # A script, not a symlink: a symlinked interpreter outside its venv would lose the venv's packages.
+        (venv_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (venv_bin / "python").chmod(0o755)
 
     def env(self, **extra: str) -> dict[str, str]:
         return env(
@@ -138,6 +140,11 @@ CASES = {
         "estimate_section"
     ),
     "cd /srv/datasets && ": "cron",
+    "batchgate status reports/prompts": "use_it_for_real",
+    "batchgate run questions.csv": "dataset_walkthrough",
+    "batchgate export reports/questions": "dataset_walkthrough",
+    ".venv/bin/python -c \"import datasets;": "dataset_walkthrough",
+    ".venv/bin/python -c \"import duckdb;": "report_over_parent",
     "_BATCHGATE_COMPLETE=bash_source": "completion",
     "_BATCHGATE_COMPLETE=zsh_source": "completion",
     "mkdir -p ~/.config/fish/completions": "completion",
@@ -176,15 +183,11 @@ def test_try_it_runs_the_demo_prints_the_cost_report_and_reruns_for_free(sh: She
     assert len(rows(sh.cwd / "reports/demo/results.jsonl")) == 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 §1: after the demo, the README's `--sim-fault-rate 0.05` rerun buys nothing (all 50 are done); "
-    "the README never mentions --fresh",
-)
 def test_try_it_with_faults_shows_it_riding_them_out(sh: Shell) -> None:
     line = without_install(readme("python3 -m venv .venv && .venv/bin/pip install -e . &&"))
     assert sh.run(line).returncode == 0
-    res = sh.run(line + " --sim-fault-rate 0.05 --json")  # "Add --sim-fault-rate 0.05 to watch it ride out ..."
+    assert "`--fresh --sim-fault-rate 0.05`" in " ".join(README.split())
+    res = sh.run(line + " --fresh --sim-fault-rate 0.05 --json")  # "Add --fresh --sim-fault-rate 0.05 ..."
     assert res.returncode == 0, res.stderr
     summary = orjson.loads(res.stdout.splitlines()[-1])
     assert summary["ok"] == 50 and summary["retries"] > 0
@@ -206,6 +209,9 @@ def test_use_it_for_real(sh: Shell) -> None:
 
     res = sh.run(f"{export}\n{readme('batchgate run prompts.jsonl')}")
     assert res.returncode == 0, res.stderr
+    status = sh.run(readme("batchgate status reports/prompts"))  # "how far a run got and what it spent"
+    assert status.returncode == 0, status.stderr
+    assert "20" in status.stdout and "$" in status.stdout
     out = sh.cwd / "reports/prompts"  # "Answers land in reports/<input stem>/results.jsonl"
     ledger = rows(out / "results.jsonl")
     assert len(ledger) == 20 and {r["model"] for r in ledger} == {REAL_MODEL}
@@ -221,10 +227,6 @@ def test_use_it_for_real(sh: Shell) -> None:
     assert (sh.cwd / "reports/big/estimate.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 §1: `batchgate report reports/` refuses several ledgers without --out (reports helper)",
-)
 def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
     export = readme("export GONKAGATE_API_KEY=")
     write_prompts(sh.cwd / "prompts.jsonl", 10)
@@ -237,6 +239,35 @@ def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
     written = [Path(m) for m in re.findall(r"^wrote (\S+)", res.stdout, flags=re.M)]
     assert any(p.name == "report.html" for p in written)
     assert all((sh.cwd / p).exists() for p in written)
+    # "Every run's requests can be queried in place" (the DuckDB line)
+    query = sh.run(readme('.venv/bin/python -c "import duckdb;'))
+    assert query.returncode == 0, query.stderr
+    assert "sim-model" in query.stdout and "usd" in query.stdout
+
+
+# -- Generate a dataset --------------------------------------------------------------------------
+
+
+def test_dataset_walkthrough_from_a_csv_to_a_loaded_dataset(sh: Shell) -> None:
+    (sh.cwd / "questions.csv").write_text(
+        "id,question\nq1,Why is the sky blue?\nq2,What is a prime number?\nq3,Who wrote Hamlet?\n"
+    )
+    run = sh.run(readme("batchgate run questions.csv"), GONKAGATE_API_KEY="gp-test")
+    assert run.returncode == 0, run.stderr
+    ledger = rows(sh.cwd / "reports/questions/results.jsonl")
+    assert sorted((r["id"], r["sample"]) for r in ledger) == [(q, s) for q in ("q1", "q2", "q3") for s in range(3)]
+    export = sh.run(readme("batchgate export reports/questions"))
+    assert export.returncode == 0, export.stderr
+    assert (sh.cwd / "questions-hf/README.md").exists()
+    pytest.importorskip("datasets")
+    loaded = sh.run(
+        readme('.venv/bin/python -c "import datasets;'),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(sh.root / "hf"),
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split()[-1] == "9"  # three questions, three answers each
 
 
 # -- Estimating a big job first ------------------------------------------------------------------------
@@ -288,7 +319,6 @@ def test_cron_line_logs_json_lines_only_then_a_rerun_resumes(sh: Shell) -> None:
     assert "20 already done" in again.stdout and sh.billed() == before
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 §1: the README's cron line appends to logs/, which nothing creates")
 def test_cron_line_works_in_a_fresh_checkout(sh: Shell) -> None:
     write_prompts(sh.cwd / "jobs/nightly-prompts.jsonl", 5)  # short: this is about the log, not the run
     res = sh.run(cron_line(sh))
@@ -299,7 +329,6 @@ def test_cron_line_works_in_a_fresh_checkout(sh: Shell) -> None:
 # -- the library snippet ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 §1: the library snippet ignores GONKAGATE_BASE_URL")
 def test_library_snippet_uses_the_same_environment_as_the_cli(sh: Shell) -> None:
     (snippet,) = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
     write_prompts(sh.cwd / "prompts.jsonl", 5)
