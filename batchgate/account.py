@@ -22,9 +22,11 @@ from .errors import AuthError, ConnectFailed
 from .usage import to_number
 
 __all__ = [
+    "Account",
     "Balance",
     "PublishedPrice",
     "api_root",
+    "fetch_account",
     "fetch_balance",
     "fetch_catalog",
     "fetch_pricing",
@@ -231,3 +233,21 @@ def nearest_models(name: str, catalog: list[str], n: int = 3) -> list[str]:
             if key.rsplit("/", 1)[-1] == tail and key not in close:
                 close.insert(0, key)
     return [by_lower[k] for k in close[:n]]
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """What GonkaGate says about a key: its balance and the published prices (each None when absent)."""
+
+    balance: Balance | None
+    prices: dict[str, PublishedPrice] | None
+
+
+async def fetch_account(api_key: str, base_url: str, *, timeout_s: float = 10.0) -> Account:
+    """Balance and prices in one short session (for ``batchgate balance``)."""
+    from .client import make_session
+
+    async with make_session(api_key, concurrency=2, connect_timeout_s=timeout_s, base_url=base_url) as session:
+        balance = await fetch_balance(session, base_url, timeout_s=timeout_s)
+        prices = await fetch_pricing(session, base_url, timeout_s=timeout_s)
+    return Account(balance, prices)

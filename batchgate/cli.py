@@ -73,6 +73,10 @@ def _guard(fn: Callable[..., T]) -> Callable[..., T]:
             _fail(str(exc), 1)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
+        except BrokenPipeError:  # `batchgate ... | head`: the reader left; say nothing more
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as exc:
             if os.environ.get("BATCHGATE_RAISE_ERRORS"):
                 raise
@@ -846,6 +850,8 @@ def budget_status_command(out_dir: Path | None, budget_file: Path | None, as_jso
         click.echo(line)
     if status.unreadable_lines:
         click.echo(f"batchgate: {status.unreadable_lines} unreadable line(s) skipped", err=True)
+
+
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
     got: list[int] = []
@@ -871,6 +877,49 @@ def _terminate_as_exit() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# -- balance --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--base-url",
+    envvar=BASE_URL_ENV,
+    default=DEFAULT_BASE_URL,
+    show_default=True,
+    help=f"API base URL (env {BASE_URL_ENV}).",
+)
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), help=f"Instead of ${KEY_ENV}.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_guard
+def balance(base_url: str, api_key_file: Path | None, as_json: bool) -> None:
+    """The key's balance and GonkaGate's published prices (GET /api/v1/whoami and /api/v1/public/pricing)."""
+    from .account import fetch_account
+
+    account = asyncio.run(fetch_account(load_api_key(api_key_file), base_url))
+    if as_json:
+        doc = {
+            "balance_usd": account.balance.usd if account.balance else None,
+            "balance_status": account.balance.status if account.balance else None,
+            "prices_usd_per_1m_tokens": {
+                m: round(p.usd_per_token_total * 1e6, 9) for m, p in sorted((account.prices or {}).items())
+            },
+        }
+        click.echo(orjson.dumps(doc).decode())
+        return
+    if account.balance is None:
+        click.echo("balance   not published here (GET /api/v1/whoami did not answer)")
+    else:
+        state = f" ({account.balance.status})" if account.balance.status else ""
+        click.echo(f"balance   ${account.balance.usd:,.6f}{state}")
+    if not account.prices:
+        click.echo("prices    not published here (GET /api/v1/public/pricing did not answer)")
+        return
+    click.echo("prices    USD per 1M tokens (network + platform fee)")
+    width = max(len(m) for m in account.prices)
+    for model, price in sorted(account.prices.items()):
+        click.echo(f"  {model:<{width}}  {price.usd_per_token_total * 1e6:>10.4f}")
 
 
 # -- simulate ---------------------------------------------------------------------------------------

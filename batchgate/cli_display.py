@@ -354,6 +354,8 @@ class Log:
             f"  tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
             f"  cost      ${s.total_cost_usd:.6f} confirmed",
         ]
+        if s.balance_usd is not None:
+            lines.append(f"  balance   ${s.balance_usd:,.6f} at start (GonkaGate)")
         if s.unconfirmed_cost_usd or s.unconfirmed_unpriced_tokens:
             extra = f"  unconfirmed ~${s.unconfirmed_cost_usd:.6f} (streams cut before their usage chunk"
             if s.unconfirmed_unpriced_tokens:

@@ -163,6 +163,7 @@ class RunSummary:
     reask_cost_usd: float = 0.0  # what those re-asked answers cost (in total_cost_usd too)
     length_cut: int = 0  # answers cut at max_tokens (finish_reason: length)
     warnings: dict[str, int] = field(default_factory=dict)  # odd server behaviour, by code
+    balance_usd: float | None = None  # the key's balance at start, where GonkaGate tells it
     wall_s: float = 0.0
     exit_code: int = 0
     stop_reason: str | None = None
@@ -196,6 +197,7 @@ class RunSummary:
             "reask_cost_usd": self.reask_cost_usd,
             "length_cut": self.length_cut,
             "warnings": dict(self.warnings),
+            "balance_usd": self.balance_usd,
             "wall_s": round(self.wall_s, 3),
             "requests_per_s": round(self.requests / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "exit_code": self.exit_code,

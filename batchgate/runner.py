@@ -349,6 +349,8 @@ class Runner:
                 self.request_stop(StopReason.UNKNOWN_MODEL, "\n".join(lines))
                 return
         self.balance = await account.fetch_balance(session, cfg.base_url)
+        if self.balance is not None:
+            self.summary.balance_usd = self.balance.usd
         prices = await account.fetch_pricing(session, cfg.base_url)
         for model, price in (prices or {}).items():
             self.prices.publish(model, price.usd_per_token_total)

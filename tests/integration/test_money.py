@@ -107,3 +107,16 @@ async def test_sampling_requests_are_not_cached_unless_asked(tmp_path: Path) -> 
             [src], config(tmp_path / "c", sim.base_url, cache_dir=cache, cache_nondeterministic=True)
         ).run()
     assert second.cached == 0 and third.cached == 0  # nothing was stored for them either
+
+
+async def test_every_row_carries_the_request_id_the_simulator_logged_for_it(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", [f"r{i}" for i in range(40)])
+    sim_cfg = SimulatorConfig(seed=4, reset_rate=0.1, server_error_rate=0.1)
+    async with running_simulator(sim_cfg) as sim:
+        await Runner([src], config(tmp_path / "out", sim.base_url, max_attempts=8)).run()
+        billing = sim.billing
+    for row in rows(tmp_path / "out"):
+        assert row["status"] == "ok" and row["request_id"]
+        billed = billing.record_for(row["request_id"])  # the billed attempt is the one the row names
+        assert billed is not None and billed["status"] == "completed"
+        assert billed["total_cost_usd"] == row["total_cost_usd"] and billed["content"] == row["content"]
