@@ -35,7 +35,13 @@ def imports(module: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("module", ["errors", "models", "sse", "pricing", "jobs", "config", "jobfile", "ledger"])
+PURE = [
+    "errors", "models", "sse", "pricing", "jobs", "config", "jobfile", "ledger", "usage", "fingerprint",
+    "accounting", "rows", "structured", "resume", "budget", "cache", "status",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", PURE)
 def test_pure_modules_import_no_io_frameworks(module: str) -> None:
     assert not imports(module) & HEAVY
 
