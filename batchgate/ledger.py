@@ -38,6 +38,7 @@ __all__ = [
     "complete_end",
     "ledger_spend",
     "lock_output_dir",
+    "possibly_billed_of",
     "read_possibly_billed",
     "row_key",
     "write_atomic",
@@ -814,6 +815,17 @@ def _record_possibly_billed(out_dir: Path, run_id: str, found: PossiblyBilled) -
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def possibly_billed_of(out_dir: Path) -> PossiblyBilled:
+    """Everything a directory may have been billed for without a row: resolved crashes, and runs that died since."""
+    total = read_possibly_billed(out_dir)
+    intents = out_dir / INTENTS_DIR
+    if intents.is_dir():
+        for leftover in sorted(intents.glob("*.jsonl")):
+            if not leftover.is_symlink():
+                total.add(_unresolved(leftover))  # a run still alive counts its in-flight attempts too
+    return total
 
 
 def read_possibly_billed(out_dir: Path) -> PossiblyBilled:

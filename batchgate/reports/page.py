@@ -75,6 +75,12 @@ def render_html(data: ReportData) -> str:
         ),
         (
             "",
+            "Possibly billed",
+            _usd(totals.get("possibly_billed_usd") or 0.0),
+            f"{int(totals.get('possibly_billed_attempts') or 0):,} attempts in flight when a run died (worst case)",
+        ),
+        (
+            "",
             "Requests",
             f"{int(totals['ok']):,} ok",
             f"{int(totals['failed']):,} failed · {int(totals['requests']):,} in all",

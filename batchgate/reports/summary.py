@@ -339,7 +339,15 @@ def _run_totals(con: duckdb.DuckDBPyConnection, staged: Staged, days: int) -> di
             FROM {src} GROUP BY ledger, run_id"""
     ).fetchall()
     causes = retry_causes(con, src)
+    from ..ledger import PossiblyBilled, possibly_billed_of
+
+    possibly = PossiblyBilled()
+    for ledger in staged.ledgers:
+        possibly.add(possibly_billed_of(ledger.parent))
     return {
+        "possibly_billed_attempts": possibly.attempts,
+        "possibly_billed_usd": possibly.usd,
+        "possibly_billed_unpriced": possibly.unpriced,
         "ledgers": len(staged.ledgers),
         "runs": len(spans),
         "days": days,

@@ -106,6 +106,14 @@ def notes(totals: dict[str, Any], skipped_at: Sequence[str]) -> list[str]:
         out.append(
             f"{totals['unconfirmed_unpriced_tokens']:,} unconfirmed tokens have no learnt price: not in unconf_usd"
         )
+    if totals.get("possibly_billed_attempts"):
+        unpriced = totals.get("possibly_billed_unpriced") or 0
+        out.append(
+            f"possibly billed: up to ${totals['possibly_billed_usd']:,.6f} for {totals['possibly_billed_attempts']:,} "
+            "attempts in flight when a run died"
+            + (f" ({unpriced:,} not priced)" if unpriced else "")
+            + "; never in cost_usd"
+        )
     if totals["skipped_lines"]:
         where = ", ".join(skipped_at[:5]) + (f" and {len(skipped_at) - 5} more" if len(skipped_at) > 5 else "")
         out.append(f"{totals['skipped_lines']:,} unreadable ledger lines were skipped: {where}")

@@ -146,6 +146,13 @@ async def test_attempts_a_crashed_run_left_in_flight_are_counted_as_possibly_bil
     assert [r["run_id"] for r in recorded] == ["20261201T000000Z-dead00"]
     run_file = orjson.loads((out / "runs" / f"{later_run_id(out)}.json").read_bytes())
     assert run_file["summary"]["possibly_billed_attempts"] == 3 and "api_key" not in run_file["config"]
+    from batchgate.reports import build_reports
+
+    report = build_reports([out], formats=("csv", "html"))
+    assert report.totals["possibly_billed_attempts"] == 3
+    assert report.totals["possibly_billed_usd"] == pytest.approx(0.02)
+    assert "possibly billed: up to $0.020000 for 3 attempts" in report.table
+    assert "Possibly billed" in (out / "report.html").read_text()
 
 
 def later_run_id(out: Path) -> str:
