@@ -16,6 +16,7 @@ from typing import Any
 
 from .models import PromptRecord
 from .pricing import PriceBook, RunningSum
+from .usage import parse_usage
 
 __all__ = ["Accounts", "Charge", "combine_charges", "usage_numbers"]
 
@@ -48,45 +49,26 @@ class Charge:
 def usage_numbers(usage: Any) -> tuple[dict[str, Any], str, list[str], dict[str, Any] | None]:
     """(numbers, cost_status, warnings, raw-if-invalid) of a usage block: a checked Usage or a raw dict.
 
-    The client validates usage (``batchgate.usage``); a plain dict is checked here the same way
-    so a string or a NaN never reaches a sum.
+    The client checks usage (``batchgate.usage.parse_usage``); a plain dict goes through the same
+    check here, so a string or a NaN never reaches a sum.
     """
-    names = (
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "base_cost_usd",
-        "platform_fee_usd",
-        "total_cost_usd",
-    )
     if usage is None:
         return {}, "unconfirmed", [], None
-    if not isinstance(usage, dict):  # a batchgate.usage.Usage
-        numbers = {n: getattr(usage, n, None) for n in names}
-        status = getattr(usage, "cost_status", "confirmed")
-        return numbers, status, list(getattr(usage, "warnings", []) or []), None
-    numbers = {}
-    bad = False
-    for n in names:
-        v = usage.get(n)
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                bad = True
-                v = None
-        if isinstance(v, bool) or (v is not None and (not isinstance(v, int | float) or not math.isfinite(v) or v < 0)):
-            bad = True
-            v = None
-        if v is not None and n.endswith("_tokens"):
-            v = int(v)
-        numbers[n] = v
-    if bad or numbers["total_cost_usd"] is None:
-        if not bad and numbers["base_cost_usd"] is not None and numbers["platform_fee_usd"] is not None:
-            numbers["total_cost_usd"] = numbers["base_cost_usd"] + numbers["platform_fee_usd"]
-            return numbers, "derived", ["total_derived"], None
-        return numbers, "unconfirmed", ["usage_malformed"], dict(usage)
-    return numbers, "confirmed", [], None
+    checked = parse_usage(usage) if isinstance(usage, dict) else usage
+    numbers = {n: getattr(checked, n, None) for n in _USAGE_NUMBERS}
+    status = getattr(checked, "cost_status", "confirmed")
+    raw = dict(usage) if isinstance(usage, dict) and status == "unconfirmed" else None
+    return numbers, status, list(getattr(checked, "warnings", []) or []), raw
+
+
+_USAGE_NUMBERS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "base_cost_usd",
+    "platform_fee_usd",
+    "total_cost_usd",
+)
 
 
 class Accounts:

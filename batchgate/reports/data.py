@@ -16,6 +16,7 @@ __all__ = [
     "PERCENTILES",
     "REPORT_FORMATS",
     "REPORT_KEYS",
+    "SUMMARY_INTS",
     "SUMMARY_METRICS",
     "Histogram",
     "ReportData",
@@ -61,6 +62,23 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "ttft_p95_s",
     "ttft_p99_s",
     "tokens_per_s",
+)
+
+#: Summary metrics that are counts (integer columns); the rest are floats.
+SUMMARY_INTS = frozenset(
+    {
+        "requests",
+        "ok",
+        "failed",
+        "rows",
+        "attempts",
+        "retries",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "unconfirmed_completion_tokens",
+        "unconfirmed_unpriced_tokens",
+    }
 )
 
 

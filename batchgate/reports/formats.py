@@ -21,23 +21,10 @@ from typing import Any
 from batchgate.errors import InputError
 from batchgate.ledger import write_atomic
 
-from .data import SUMMARY_METRICS
+from .data import SUMMARY_INTS, SUMMARY_METRICS
 
 __all__ = ["clean_stale", "csv_number", "make_scratch", "scratch_path", "summary_csv", "summary_parquet", "write_file"]
 
-_SUMMARY_INTS = {
-    "requests",
-    "ok",
-    "failed",
-    "rows",
-    "attempts",
-    "retries",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "unconfirmed_completion_tokens",
-    "unconfirmed_unpriced_tokens",
-}
 # ledger.write_atomic's ".NAME.PID.tmp" and this package's ".report-PID.tmp" scratch directories.
 _STALE = re.compile(r"^\.(?:.+\.(\d+)\.tmp|report-(\d+)\.tmp)$")
 
@@ -76,7 +63,7 @@ def summary_parquet(summary: Sequence[dict[str, Any]], key_columns: Sequence[str
     import pyarrow.parquet as pq
 
     fields = [pa.field("level", pa.string()), *(pa.field(k, pa.string()) for k in key_columns)]
-    fields += [pa.field(m, pa.int64() if m in _SUMMARY_INTS else pa.float64()) for m in SUMMARY_METRICS]
+    fields += [pa.field(m, pa.int64() if m in SUMMARY_INTS else pa.float64()) for m in SUMMARY_METRICS]
     schema = pa.schema(fields)
     table = pa.Table.from_pylist(list(summary), schema=schema)
     sink = pa.BufferOutputStream()

@@ -30,6 +30,7 @@ from .data import (
     ALL,
     NONE,
     PERCENTILES,
+    SUMMARY_INTS,
     SUMMARY_METRICS,
     Histogram,
     ReportData,
@@ -233,19 +234,6 @@ _METRIC_SQL = """
     sum(latency_s) FILTER (WHERE status = 'ok' AND latency_s > 0 AND completion_tokens IS NOT NULL)
         AS tps_seconds
 """
-_INTS = {
-    "requests",
-    "ok",
-    "failed",
-    "rows",
-    "attempts",
-    "retries",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "unconfirmed_completion_tokens",
-    "unconfirmed_unpriced_tokens",
-}
 
 
 def aggregate(
@@ -316,7 +304,7 @@ def _key_expr(key: str) -> str:
 def _metrics(r: dict[str, Any]) -> dict[str, Any]:
     m: dict[str, Any] = {}
     for name in SUMMARY_METRICS:
-        if name in _INTS:
+        if name in SUMMARY_INTS:
             m[name] = int(r[name] or 0)
         elif name in r:
             m[name] = float(r[name] or 0.0)
