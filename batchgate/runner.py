@@ -129,6 +129,8 @@ class Runner:
         self._any_response = False
         self._ledger_error: LedgerError | None = None
         self._possibly_billed = PossiblyBilled()
+        self._preflight_started = False
+        self._preflight_done = asyncio.Event()
         self._settled = asyncio.Event()  # set (and replaced) each time a request settles its reservation
         self._reservations_out = 0
         self.caps: CapBook | None = None  # caps across runs (--max-total-cost, --daily-cap, --monthly-cap)
@@ -241,7 +243,6 @@ class Runner:
             syncer = asyncio.create_task(self._sync_periodically())
             try:
                 async with session:
-                    await self._preflight(session)
                     self._tasks = [
                         asyncio.create_task(self._worker(records, session, policy, url))
                         for _ in range(max(1, cfg.concurrency))
@@ -316,6 +317,20 @@ class Runner:
                 write_atomic(
                     self.config.out_dir / "run.json", orjson.dumps(self.summary.as_dict(), option=orjson.OPT_INDENT_2)
                 )
+
+    async def _preflight_once(self, session: Any) -> None:
+        """Run the preflight once, when the first request is about to go; the other workers wait for it.
+
+        A rerun with nothing left to send never touches the network (and works offline).
+        """
+        if self._preflight_started:
+            await self._preflight_done.wait()
+            return
+        self._preflight_started = True
+        try:
+            await self._preflight(session)
+        finally:
+            self._preflight_done.set()
 
     async def _preflight(self, session: Any) -> None:
         """Before the first paid request: the catalog has every model, and what the account says.
@@ -458,6 +473,10 @@ class Runner:
         for rec, body_obj, fingerprint, seq in records:
             if self._stop_reason is not None:
                 return
+            if not self._preflight_done.is_set():  # the first request to send: ask the catalog first
+                await self._preflight_once(session)
+                if self._stop_reason is not None:
+                    return
             if self.cache is not None and self._from_cache(rec, body_obj, fingerprint, seq):
                 continue
             worst = self._worst_case(rec, body_obj)

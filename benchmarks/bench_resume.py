@@ -203,7 +203,7 @@ def _resumed_run(prompts: Path, out_dir: Path) -> dict[str, Any]:
         port = sock.getsockname()[1]
         env = repo_env() | {"GONKAGATE_API_KEY": "gp-bench"}
         cmd = [sys.executable, "-m", "batchgate", "run", str(prompts), "--out", str(out_dir)]
-        cmd += ["--base-url", f"http://127.0.0.1:{port}/v1", "--quiet", "--no-report", "--json", "-c", "64"]
+        cmd += ["--base-url", f"http://127.0.0.1:{port}/v1", "--quiet", "--no-report", "--json", "-c", "50"]
         returncode, stdout, stderr, wall, usage = run_measured(cmd, env)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else {}

@@ -305,3 +305,14 @@ async def test_published_prices_bound_the_budget_from_the_first_request(tmp_path
     assert summary.ok == 12 and runner.balance is not None and runner.balance.usd > 0
     assert runner.prices.worst_per_token("sim-model") is not None
     assert not runner._probes  # no one-at-a-time probe was needed: the price was published
+
+
+async def test_a_rerun_with_nothing_left_to_send_needs_no_network(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        await Runner([src], config(out, sim.base_url, check_models=True, default_model="sim-model")).run()
+    offline = await Runner(
+        [src], config(out, "http://127.0.0.1:9/v1", check_models=True, default_model="sim-model")
+    ).run()
+    assert (offline.exit_code, offline.requests, offline.skipped) == (0, 0, 12)
