@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -432,7 +433,7 @@ def run(ctx: click.Context, **opts: Any) -> None:
     """
     inputs, config, opts = _settings(ctx, opts)
     log = Log(opts["quiet"], opts["log_format"])
-    _ensure_file_descriptors(config, log)
+    config = _ensure_file_descriptors(config, log)
     _tune_gc()
     runner = Runner(inputs, config)
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
@@ -520,7 +521,7 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
 
     inputs, config, opts = _settings(ctx, opts)
     log = Log(opts["quiet"], opts["log_format"])
-    _ensure_file_descriptors(config, log)
+    config = _ensure_file_descriptors(config, log)
     plan = estimating.draw_sample(inputs, config, sample=opts["sample"], seed=opts["seed"])
     runner = Runner(inputs, config, records=plan.drawn)
     summary = asyncio.run(_drive(runner, opts, log, runner.run()))
@@ -548,15 +549,17 @@ def _raise_open_files(want: int) -> int:
     return soft
 
 
-def _ensure_file_descriptors(config: RunConfig, log: Log) -> None:
+def _ensure_file_descriptors(config: RunConfig, log: Log) -> RunConfig:
     """One socket per stream: without enough descriptors, --concurrency 3000 fails connects with EMFILE.
 
     When the hard limit is too low, run at the concurrency it allows and say so rather than fail prompts.
     """
     allowed = _raise_open_files(config.concurrency + 64)
-    if allowed < config.concurrency + 64:
-        config.concurrency = max(1, allowed - 64)
-        log.error(f"the open-files limit ({allowed}) is too low; running with --concurrency {config.concurrency}")
+    if allowed >= config.concurrency + 64:
+        return config
+    config = dataclasses.replace(config, concurrency=max(1, allowed - 64))
+    log.error(f"the open-files limit ({allowed}) is too low; running with --concurrency {config.concurrency}")
+    return config
 
 
 def _tune_gc() -> None:
@@ -576,7 +579,7 @@ async def _drive(runner: Runner, opts: dict[str, Any], log: Log, work: Awaitable
     """Run ``work`` with the simulator (if asked), signal handling and progress output around it."""
     async with _maybe_simulator(opts) as sim_url:
         if sim_url:
-            runner.config.base_url = sim_url
+            runner.config = dataclasses.replace(runner.config, base_url=sim_url)
         log.start(runner, runner.inputs)
         with signals(runner, log):
             progress = asyncio.create_task(log.progress(runner, opts["log_every"]))

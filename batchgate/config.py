@@ -16,9 +16,13 @@ KEY_ENV = "GONKAGATE_API_KEY"
 BASE_URL_ENV = "GONKAGATE_BASE_URL"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RunConfig:
-    """Everything a run needs besides its inputs."""
+    """Everything a run needs besides its inputs: built once, frozen (``dataclasses.replace`` to vary it).
+
+    Each field is named as the job file's key (``max_cost_usd``, ``idle_timeout_s``, ...); the CLI's
+    flags spell the same names with dashes (the unit suffix optional: ``--max-cost``).
+    """
 
     out_dir: Path
     api_key: str = field(repr=False)

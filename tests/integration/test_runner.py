@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -221,7 +222,7 @@ async def test_job_defaults_and_system_prompt_reach_the_request(tmp_path: Path) 
     prompts = write_prompts(tmp_path / "p.jsonl", 3)
     cfg = config(tmp_path / "out", "", chat_defaults={"max_tokens": 9}, system_prompt="Be brief.")
     async with running_simulator(SimulatorConfig(min_completion_tokens=20, max_completion_tokens=40)) as sim:
-        cfg.base_url = sim.base_url
+        cfg = dataclasses.replace(cfg, base_url=sim.base_url)
         await Runner([prompts], cfg).run()
     rows = ledger_rows(tmp_path / "out")
     assert all(r["completion_tokens"] == 9 and r["finish_reason"] == "length" for r in rows)
