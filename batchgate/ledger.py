@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -238,7 +239,7 @@ class Ledger:
         self._index: ResumeIndex | None = None
         self._added = AnswerIndex()
         self._prefix: DonePrefix | None = None
-        self._old_full: tuple[dict[str, Any], bytes] | None = None
+        self._old_full: _OldFull | None = None
         self.spilled_to: Path | None = None
 
     def open(self, prefix_key: str | None = None) -> ResumeIndex:
@@ -490,6 +491,27 @@ class DonePrefix:
     beyond: list[tuple[str, str | None]] = field(default_factory=list)  # ok answers past the prefix
 
 
+@dataclass(frozen=True, slots=True)
+class _OldFull:
+    """The full part of an index a run started from the prefix did not load: copied on save, never held."""
+
+    header: dict[str, Any]
+    path: Path
+    offset: int
+    length: int
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left > 0:
+                piece = f.read(min(left, 1 << 20))
+                if not piece:
+                    raise OSError("the resume index shrank while it was copied")
+                left -= len(piece)
+                yield piece
+
+
 def _arrays(answers: AnswerIndex) -> list[bytes]:
     answers._freeze()
     return [a.astype("<u8").tobytes() for a in (answers._hi, answers._lo, answers._fp)]
@@ -500,7 +522,7 @@ def _save_index(
     ledger: Path,
     index: ResumeIndex,
     prefix: DonePrefix | None,
-    old_full: tuple[dict[str, Any], bytes] | None,
+    old_full: _OldFull | None,
 ) -> None:
     """``results.index``: the ok answers of the ledger's first bytes, and the done prefix.
 
@@ -521,9 +543,9 @@ def _save_index(
             "damaged_lines": index.damaged_lines,
             "lines": index.lines,
         }
-        parts = b"".join(body)
+        parts: Iterable[bytes] = body
     else:
-        full, parts = old_full
+        full, parts = old_full.header, old_full.chunks()
     header: dict[str, Any] = {"full": full, "prefix": None}
     extra = b""
     if prefix is not None:
@@ -541,7 +563,7 @@ def _save_index(
             "m": len(beyond._hi),
             "lines": index.lines,
         }
-    write_atomic(index_path, [_INDEX_MAGIC, orjson.dumps(header) + b"\n", parts, extra])
+    write_atomic(index_path, itertools.chain([_INDEX_MAGIC, orjson.dumps(header) + b"\n"], parts, [extra]))
 
 
 def _read_index_header(index_path: Path) -> tuple[dict[str, Any], int] | None:
@@ -568,7 +590,7 @@ def _load_arrays(index_path: Path, offset: int, n: int) -> list[npt.NDArray[np.u
 
 def _load_index(
     index_path: Path, ledger: Path, index: ResumeIndex, prefix_key: str | None
-) -> tuple[int, int, tuple[dict[str, Any], bytes] | None]:
+) -> tuple[int, int, _OldFull | None]:
     """(offset to read the ledger on from, lines before it, the full part kept when starting from the prefix).
 
     (0, 0, None) when the index is missing, damaged or stale: the ledger shorter than what the
@@ -585,13 +607,10 @@ def _load_index(
         if pre is not None and prefix_key is not None and pre["key"] == prefix_key and _valid_cover(pre, ledger):
             arrays = _load_arrays(index_path, offset + 24 * n, int(pre["m"]))
             if arrays is not None:
-                with open(index_path, "rb") as f:
-                    f.seek(offset)
-                    old_full = f.read(24 * n)
                 index.answers._hi, index.answers._lo, index.answers._fp = arrays
                 index.prefix = (int(pre["input"]), int(pre["line"]), int(pre["requests"]))
                 index.rows = int(full["rows"])
-                return int(pre["covered"]), int(pre["lines"]), (full, old_full)
+                return int(pre["covered"]), int(pre["lines"]), _OldFull(full, index_path, offset, 24 * n)
         if not _valid_cover(full, ledger):
             return 0, 0, None
         arrays = _load_arrays(index_path, offset, n)
