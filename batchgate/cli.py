@@ -278,6 +278,12 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="With --simulate: seconds between streamed tokens.",
         ),
+        click.option(
+            "--sim-key-limits/--no-sim-key-limits",
+            default=True,
+            show_default=True,
+            help="With --simulate: the simulator enforces one key's limits, as GonkaGate does.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout."),
         click.option("--quiet", "-q", is_flag=True, help="Errors only (and --json)."),
         click.option(

@@ -50,6 +50,7 @@ def main() -> None:
             for name, extra in variants.items():
                 out = root / f"out-{n}-{name.strip('-')}"
                 cmd = [sys.executable, "-m", "batchgate", "run", str(prompts), "--simulate", "--model", "sim-model"]
+                cmd += ["--no-key-limits", "--no-sim-key-limits"]  # measure the work, not a key's rate limit
                 results[name].append(measure([*cmd, "--out", str(out), "--quiet", *extra], root))
                 shutil.rmtree(out, ignore_errors=True)
         print(f"batchgate run --simulate, {args.prompts:,} prompts (medians of {args.repeat})")
