@@ -152,11 +152,6 @@ class AnswerIndex:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self.contains([key])[0])
 
-    def absorb(self, later: AnswerIndex) -> None:
-        """Take in the answers of ``later`` (not frozen yet), which win over ours for the same key."""
-        self._pending += later._pending
-        self._fps += later._fps
-
     def contains(self, keys: Sequence[str]) -> _Bools:
         """Whether each key has an ok row, whatever request bought it."""
         done, stale = self.lookup(keys, [""] * len(keys))
@@ -237,7 +232,7 @@ class Ledger:
         self._last_fsync = time.monotonic()
         self._dirty = False
         self._index: ResumeIndex | None = None
-        self._added = AnswerIndex()
+        self._open_size = 0  # the ledger's size once open() had read it: what the index's full part covers
         self._prefix: DonePrefix | None = None
         self._old_full: _OldFull | None = None
         self.spilled_to: Path | None = None
@@ -261,6 +256,7 @@ class Ledger:
         index.from_cache = start > 0
         _index_rows(self.path, index, start, lines)
         self._index = index
+        self._open_size = self.path.stat().st_size
         return index
 
     def set_prefix(self, prefix: DonePrefix | None) -> None:
@@ -270,15 +266,6 @@ class Ledger:
     def append(self, row: dict[str, Any]) -> None:
         """Queue a row; :meth:`flush` writes every queued row in one system call."""
         self._pending.append(orjson.dumps(row) + b"\n")
-        index = self._index
-        if index is not None:
-            index.lines += 1
-            index.rows += 1
-            if row.get("status") == "ok":
-                # Kept apart until close: the run's lookups must not re-sort the index on every batch.
-                self._added.add(row_key(row["id"], row.get("sample") or 0), row.get("fingerprint"))
-            else:
-                index.failed_rows += 1
 
     @property
     def pending(self) -> int:
@@ -330,10 +317,10 @@ class Ledger:
         os.close(self._fd)
         self._fd = None
         if self._index is not None:
-            self._index.answers.absorb(self._added)
-            self._added = AnswerIndex()
             with contextlib.suppress(OSError):  # the index only saves time; a rerun rebuilds it
-                _save_index(self.out_dir / INDEX_NAME, self.path, self._index, self._prefix, self._old_full)
+                _save_index(
+                    self.out_dir / INDEX_NAME, self.path, self._index, self._prefix, self._old_full, self._open_size
+                )
 
     def _spill(self) -> Path | None:
         data = b"".join(self._pending)
@@ -523,19 +510,22 @@ def _save_index(
     index: ResumeIndex,
     prefix: DonePrefix | None,
     old_full: _OldFull | None,
+    open_size: int,
 ) -> None:
     """``results.index``: the ok answers of the ledger's first bytes, and the done prefix.
 
-    ``old_full``: a run that started from the prefix never loaded every answer; it keeps the
-    full part the index had (covering less of the ledger: a full resume reads the rest).
+    The full part holds the answers the run read at open (``open_size`` bytes): the rows the run
+    itself appended are not kept in memory to be indexed (flat memory at any size); a full resume
+    reads them from the ledger, one run's worth.  ``old_full``: a run that started from the
+    prefix never loaded every answer; it copies the full part the index had.
     """
     size = ledger.stat().st_size
     tail = _tail_digest(ledger, size)
     if old_full is None:
         body = _arrays(index.answers)
         full = {
-            "covered": size,
-            "tail": tail,
+            "covered": open_size,
+            "tail": _tail_digest(ledger, open_size),
             "n": len(index.answers._hi),
             "rows": index.rows,
             "failed_rows": index.failed_rows,
