@@ -232,6 +232,12 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Stay within one GonkaGate key's limits (50 concurrent, 600/min, 200 per 10 s).",
         ),
         click.option(
+            "--model-check/--no-model-check",
+            default=True,
+            show_default=True,
+            help="Ask the model catalog (GET /models) before the first paid request; a model it lacks stops the run.",
+        ),
+        click.option(
             "--key-concurrency",
             type=click.IntRange(1),
             default=50,
@@ -356,6 +362,7 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         backoff_base_s=opts["backoff"],
         max_cost_usd=opts["max_cost"],
         rpm=opts["rpm"],
+        check_models=opts.get("model_check", True),
         key_concurrency=opts["key_concurrency"] if opts.get("key_limits", True) else None,
         key_rpm=opts["key_rpm"] if opts.get("key_limits", True) else None,
         key_burst_10s=opts["key_rpm"] / 3 if opts.get("key_limits", True) else None,

@@ -81,3 +81,13 @@ def test_samples_give_rows_of_their_own(tmp_path: Path) -> None:
     assert (again["requests"], again["skipped"]) == (0, 15)
     rows = [orjson.loads(x) for x in Path("o/results.jsonl").read_bytes().splitlines()]
     assert sorted((r["id"], r["sample"]) for r in rows) == sorted((f"p{i}", s) for i in range(5) for s in range(3))
+
+
+def test_a_model_the_catalog_lacks_is_exit_2_unless_the_check_is_off(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "prompts.jsonl", 3)
+    common = ["run", str(src), "--simulate", "--sim-token-delay", "0", "--model", "not-listed", "--no-report"]
+    res = bg(*common, "--out", "a")
+    assert res.returncode == 2 and "not-listed" in res.stderr and "not in the catalog" in res.stderr
+    assert not Path("a/results.jsonl").exists() or Path("a/results.jsonl").read_bytes() == b""
+    res = bg(*common, "--out", "b", "--no-model-check")  # the simulator serves unlisted models
+    assert res.returncode == 0, res.stderr
