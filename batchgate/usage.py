@@ -90,6 +90,25 @@ def parse_usage(raw: Any) -> Usage:
     """Validate a server's usage block; never raises."""
     if not isinstance(raw, dict):
         return Usage(warnings=["usage_malformed"])
+    # Fast path: the usual block, plain ints and floats that need no conversion.
+    prompt, completion, tokens = raw.get("prompt_tokens"), raw.get("completion_tokens"), raw.get("total_tokens")
+    base, fee, total = raw.get("base_cost_usd"), raw.get("platform_fee_usd"), raw.get("total_cost_usd")
+    if (
+        prompt.__class__ is int
+        and completion.__class__ is int
+        and tokens.__class__ is int
+        and base.__class__ is float
+        and fee.__class__ is float
+        and total.__class__ is float
+        and prompt >= 0
+        and completion >= 0
+        and tokens >= 0
+        and 0.0 <= base < math.inf
+        and 0.0 <= fee < math.inf
+        and 0.0 <= total < math.inf
+        and math.isclose(total, base + fee, rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
+    ):
+        return Usage(prompt, completion, tokens, base, fee, total, "confirmed", [])
     bad: list[str] = []
     prompt = _read(raw, "prompt_tokens", _tokens, bad)
     completion = _read(raw, "completion_tokens", _tokens, bad)

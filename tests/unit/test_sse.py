@@ -174,3 +174,20 @@ def test_a_long_line_in_many_reads_is_linear_not_quadratic() -> None:
         assert dec.feed(piece) == []
     assert dec.feed(b"\n\n") == [piece * 2048]
     assert time.process_time() - t0 < 1.0
+
+
+def test_memory_stays_bounded_by_the_cap() -> None:
+    import tracemalloc
+
+    dec = SSEDecoder(max_event_bytes=1 << 20)
+    piece = b"b" * 65536
+    tracemalloc.start()
+    try:
+        dec.feed(b"data: ")
+        with pytest.raises(SSEOverflow):
+            for _ in range(10_000):  # 640 MB if nothing stopped it
+                dec.feed(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 << 20
