@@ -659,10 +659,10 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
 @_guard
 def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str, ...]) -> None:
     """Cost reports over run directories (or globs, or a parent holding many runs)."""
-    from . import reports
-
     formats = ("csv", "parquet", "html") if "all" in fmt else fmt
-    with _terminate_as_exit():  # SIGTERM and Ctrl-C unwind: the report's temporary files are removed
+    with _terminate_as_exit():  # before the imports: a thread they start must inherit the blocked signals
+        from . import reports
+
         result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
     click.echo(result.table)
     for skipped in result.data.skipped:
@@ -870,29 +870,34 @@ def budget_status_command(out_dir: Path | None, budget_file: Path | None, as_jso
 
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM / SIGINT during a report end it with 143 / 130 once its files are written, never half way.
+
+    The handler only takes note: raising from it while DuckDB runs (a Python exception inside its
+    C++ code) can abort the process (SIGABRT) with its scratch files left behind, and a mask would
+    not do, since threads started at import (numpy's BLAS pool) do not inherit it.  Every file is
+    written then renamed, so finishing first leaves nothing half written.
+    """
     got: list[int] = []
 
-    def handle(signum: int, frame: object) -> None:
+    def note(signum: int, frame: object) -> None:
         got.append(signum)
-        raise SystemExit(128 + signum)
 
     try:
-        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     except Exception:
-        if got:  # DuckDB turns a signal mid-query into "Query interrupted": it is still the signal
+        if got:  # DuckDB may still turn a signal into "Query interrupted": it is the signal
             raise SystemExit(128 + got[0]) from None
         raise
-    else:
-        if got:  # a signal some library caught and swallowed: the run of the command still ends by it
-            raise SystemExit(128 + got[0])
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+    if got:
+        raise SystemExit(128 + got[0])
 
 
 # -- balance --------------------------------------------------------------------------------------
