@@ -726,20 +726,16 @@ class IntentLog:
     def open(self) -> PossiblyBilled:
         """Resolve what crashed runs left; start this run's file; return the directory's total so far."""
         _ensure_dir(self.dir)
-        crashed = PossiblyBilled()
         for leftover in sorted(self.dir.glob("*.jsonl")):
             if leftover.is_symlink() or leftover == self.path:
                 continue
-            found = _unresolved(leftover)
-            _record_possibly_billed(self.out_dir, leftover.stem, found)
+            _record_possibly_billed(self.out_dir, leftover.stem, _unresolved(leftover))
             leftover.unlink()
-        total = read_possibly_billed(self.out_dir)
-        crashed.add(total)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
         except OSError as exc:
             raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
-        return crashed
+        return read_possibly_billed(self.out_dir)
 
     def started(self, key: str, attempt: int, fingerprint: str | None, worst_usd: float | None) -> None:
         """Record an attempt about to be sent (one ``write``, before the request leaves)."""
@@ -773,9 +769,7 @@ class IntentLog:
 
     def close(self, *, clean: bool) -> PossiblyBilled:
         """End this run's log; what it still holds open was abandoned in flight and is counted."""
-        left = PossiblyBilled()
-        for attempts, usd, unpriced in self._open.values():
-            left.add(PossiblyBilled(int(attempts), usd, int(unpriced)))
+        left = _open_total(self._open)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -807,10 +801,15 @@ def _unresolved(path: Path) -> PossiblyBilled:
                 entry[1] += float(worst)
             else:
                 entry[2] += 1
-    found = PossiblyBilled()
+    return _open_total(open_)
+
+
+def _open_total(open_: dict[str, list[float]]) -> PossiblyBilled:
+    """The sum of open intents, each ``[attempts, worst usd, unpriced attempts]``."""
+    total = PossiblyBilled()
     for attempts, usd, unpriced in open_.values():
-        found.add(PossiblyBilled(int(attempts), usd, int(unpriced)))
-    return found
+        total.add(PossiblyBilled(int(attempts), usd, int(unpriced)))
+    return total
 
 
 def _record_possibly_billed(out_dir: Path, run_id: str, found: PossiblyBilled) -> None:

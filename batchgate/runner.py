@@ -115,7 +115,6 @@ class Runner:
         self._intents = IntentLog(config.out_dir, self.run_id)
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        # Key limits off until RunConfig carries key_concurrency / key_rpm / key_burst_10s (lead).
         self.throttle = Throttle(
             config.concurrency,
             config.rpm,
@@ -135,7 +134,6 @@ class Runner:
         self._reservations_out = 0
         self.caps: CapBook | None = None  # caps across runs (--max-total-cost, --daily-cap, --monthly-cap)
         self.cache: AnswerCache | None = None
-        self._last_row: dict[str, Any] | None = None
         self._inputs_key: str | None = None
         self._models: dict[str, list[Any]] = {}  # model -> [path, line, records] of the inputs
         self.balance: Balance | None = None  # the key's balance at start, where the API tells it
@@ -194,7 +192,7 @@ class Runner:
             if validated.get("warnings"):
                 self.notices.append(validated["warnings"])
         else:
-            report = jobs.validate(self.inputs, **self._input_options())
+            report = jobs.validate(self.inputs, **input_options(cfg))
             if not report.ok():
                 raise InputError(report.format())
             if report.warnings:
@@ -204,7 +202,7 @@ class Runner:
                 self.total = report.records * cfg.samples
             else:
                 self.total = cfg.samples * sum(
-                    1 for r in jobs.iter_records(self.inputs, **self._input_options()) if in_shard(r.id, cfg.shard)
+                    1 for r in jobs.iter_records(self.inputs, **input_options(cfg)) if in_shard(r.id, cfg.shard)
                 )
         lock = lock_output_dir(cfg.out_dir)
         results: list[Any] = []
@@ -294,9 +292,6 @@ class Runner:
                 with contextlib.suppress(BatchgateError, OSError):  # the ledger already holds the truth
                     thing.flush()
                 thing.close()
-
-    def _input_options(self) -> dict[str, Any]:
-        return input_options(self.config)
 
     def _write_run_file(self, *, finished: bool) -> None:
         """``runs/<run_id>.json`` (and ``run.json``, the latest): inputs, effective config, summary."""
@@ -433,14 +428,13 @@ class Runner:
         source: Iterable[PromptRecord] = (
             self.records
             if self.records is not None  # an empty sample runs nothing, not everything
-            else jobs.iter_records(self.inputs, **self._input_options(), start=(start[0], start[1]) if start else None)
+            else jobs.iter_records(self.inputs, **input_options(cfg), start=(start[0], start[1]) if start else None)
         )
         if cfg.shard is not None:
             source = (r for r in source if in_shard(r.id, cfg.shard))
         if cfg.samples > 1:
             source = (dataclasses.replace(r, sample=i) for r in source for i in range(cfg.samples))
-        prepared = ((r, body, request_fingerprint(body, r.sample)) for r in source for body in (self._request_body(r),))
-        items = iter(prepared)
+        items = ((r, body, request_fingerprint(body, r.sample)) for r in source for body in (self._request_body(r),))
         s = self.summary
         watermark = self._watermark
         # Look keys up a batch at a time (one vectorised search) rather than one by one.
@@ -479,11 +473,13 @@ class Runner:
                     return
             if self.cache is not None and self._from_cache(rec, body_obj, fingerprint, seq):
                 continue
-            worst = self._worst_case(rec, body_obj)
-            admitted = await self._admit(rec, worst) if self._admitting else (0.0, None)
-            if admitted is None:
-                return
-            reserved, ticket = admitted
+            if self._admitting:
+                admitted = await self._admit(rec, body_obj)
+                if admitted is None:
+                    return
+                worst, reserved, ticket = admitted
+            else:
+                worst, reserved, ticket = self._worst_case(rec, body_obj), 0.0, None
             await self._serve(rec, body_obj, fingerprint, seq, worst, reserved, ticket, session, policy, url)
             if self._stop_reason is not None:
                 return
@@ -541,7 +537,6 @@ class Runner:
                 again = self._worst_case(rec, follow_up)
                 if self._admitting and not self._reserve_more(again, tickets):
                     break  # no budget for a re-ask: keep the answer we have
-                self._settle_outcome(rec, outcome, prior)
                 prior.append(outcome)
                 body_obj = follow_up
                 outcome = await policy.run(attempt_with(orjson.dumps(follow_up), again))
@@ -559,21 +554,16 @@ class Runner:
             self.retrying = max(0, self.retrying - 1)  # its last failure was final, not a retry
         if outcome.completion is not None:
             throttle.on_success()
-        spent = self._record(rec, fingerprint, outcome, started_at, time.monotonic() - t0, prior, verdict)
+        row, spent = self._record(rec, fingerprint, outcome, started_at, time.monotonic() - t0, prior, verdict)
+        ok = row["status"] == "ok"
         if self._watermark is not None:
-            if (
-                outcome.completion is not None
-                and outcome.error is None
-                and not (self.config.on_length == "fail" and outcome.completion.finish_reason == "length")
-            ):
+            if ok:
                 self._watermark.complete(seq, row_key(rec.id, rec.sample), fingerprint)
             else:
                 self._watermark.fail(seq)
         self._settle(tickets, spent)
-        delivered = outcome.completion is not None and outcome.error is None and not prior
-        keep = delivered and cacheable(body_obj, self.config.cache_nondeterministic)
-        if self.cache is not None and keep and self._last_row is not None:
-            self.cache.put(fingerprint, self._last_row)
+        if self.cache is not None and ok and not prior and cacheable(body_obj, self.config.cache_nondeterministic):
+            self.cache.put(fingerprint, row)
 
     def _settle(self, tickets: list[tuple[float, Reservation | None]], spent: float) -> None:
         """What the prompt cost replaces its reservations (all of it on the first; the rest give back)."""
@@ -590,18 +580,12 @@ class Runner:
         self._settled = asyncio.Event()
 
     def _reserve_more(self, worst: float | None, tickets: list[tuple[float, Reservation | None]]) -> bool:
-        """Reserve a re-ask's worst case under every cap; False when one is too tight."""
+        """Reserve a re-ask's worst case under every cap; False when one is too tight (no waiting)."""
         if worst is None:
             return False
-        if self.budget is not None and not self.budget.try_reserve(worst):
+        refused, ticket = self._reserve(worst)
+        if refused is not None:
             return False
-        ticket = None
-        if self.caps is not None:
-            ticket = self.caps.try_reserve(worst)
-            if ticket is None:
-                if self.budget is not None:
-                    self.budget.settle(worst, 0.0)
-                return False
         tickets.append((worst, ticket))
         return True
 
@@ -654,10 +638,6 @@ class Runner:
             return verdict, AnswerSchema.reask(body, comp.content, verdict.error or "invalid")
         return verdict, None
 
-    def _settle_outcome(self, rec: PromptRecord, outcome: Outcome, prior: list[Outcome]) -> None:
-        """A paid answer about to be replaced by a re-ask: count it now (it is in the row's totals)."""
-        self.summary.reasks += 1
-
     def _record_interrupted(
         self, rec: PromptRecord, fingerprint: str, tokens: int, started_at: str, latency: float
     ) -> None:
@@ -705,72 +685,79 @@ class Runner:
         """What the server could bill for this request at most: its max_tokens, else the API's default."""
         return Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, self._max_tokens(body))
 
-    async def _admit(self, rec: PromptRecord, worst: float | None) -> tuple[float, Reservation | None] | None:
-        """Reserve the prompt's worst case under --max-cost and the caps across runs; None: the run stops.
+    async def _admit(
+        self, rec: PromptRecord, body: dict[str, Any]
+    ) -> tuple[float | None, float, Reservation | None] | None:
+        """Reserve the request's worst case under --max-cost and the caps across runs.
 
+        Returns (worst case, reserved, cap ticket), or None when the run stops.  A reservation
+        that does not fit waits for requests in flight to give back what they did not spend.
         Before a model's price is known nothing bounds a request, so one probe per model runs
-        at a time and the others wait for the price it teaches.
+        at a time (worst case None, nothing reserved) and the others wait for the price it teaches.
         """
-        budget, caps = self.budget, self.caps
+        budget = self.budget
         while True:
             if self._stop_reason is not None:
                 return None
-            if worst is None:
-                worst = Budget.worst_case_of(self.prices, rec.model, rec.prompt_chars, self.config.default_max_tokens)
+            worst = self._worst_case(rec, body)
             if worst is None:
                 probe = self._probes.get(rec.model)
                 if probe is not None:
                     await probe.wait()
                     continue
-                if budget is not None and budget.spent >= budget.cap_usd:
-                    worst = math.inf  # fall through to the stop below
-                else:
-                    self._probes[rec.model] = asyncio.Event()
-                    ticket = caps.try_reserve(0.0) if caps is not None else None
-                    if caps is not None and ticket is None:
-                        self._release_probe(rec.model)
-                        self._stop_for_cap()
+                if budget is None or budget.spent < budget.cap_usd:
+                    ticket = self.caps.try_reserve(0.0) if self.caps is not None else None
+                    if self.caps is not None and ticket is None:
+                        self._stop_for(StopReason.CAP, 0.0)
                         return None
+                    self._probes[rec.model] = asyncio.Event()
                     self._reservations_out += 1
-                    return 0.0, ticket
-            if budget is not None and not budget.try_reserve(worst):
-                if self._reservations_out:  # requests in flight will give back what they did not spend
-                    await self._next_settle()
-                    continue
-                s = self.summary
-                self.request_stop(
-                    StopReason.BUDGET,
-                    f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent + budget.reserved:.6f} spent or in "
-                    f"flight (${s.total_cost_usd:.6f} confirmed, ~${s.unconfirmed_cost_usd:.6f} unconfirmed), "
-                    f"${budget.left_usd:.6f} left, not enough for the next prompt's worst case "
-                    f"(${worst:.6f}). Rerun with a higher --max-cost to resume.",
-                )
-                return None
-            ticket = None
-            if caps is not None:
-                ticket = caps.try_reserve(worst)
-                if ticket is None:
-                    if budget is not None:
-                        budget.settle(worst, 0.0)
-                    if self._reservations_out:
-                        await self._next_settle()
-                        continue
-                    self._stop_for_cap()
-                    return None
-            self._reservations_out += 1
-            return worst, ticket
+                    return None, 0.0, ticket
+                worst = math.inf  # nothing left under --max-cost: stop below
+            refused, ticket = self._reserve(worst)
+            if refused is None:
+                self._reservations_out += 1
+                return worst, worst, ticket
+            if self._reservations_out:  # requests in flight will give back what they did not spend
+                await self._next_settle()
+                continue
+            self._stop_for(refused, worst)
+            return None
+
+    def _reserve(self, worst: float) -> tuple[StopReason | None, Reservation | None]:
+        """Reserve ``worst`` under --max-cost and every cap: (None, cap ticket), or (what refused, None)."""
+        if self.budget is not None and not self.budget.try_reserve(worst):
+            return StopReason.BUDGET, None
+        ticket = None
+        if self.caps is not None:
+            ticket = self.caps.try_reserve(worst)
+            if ticket is None:
+                if self.budget is not None:
+                    self.budget.settle(worst, 0.0)  # give the --max-cost reservation back
+                return StopReason.CAP, None
+        return None, ticket
+
+    def _stop_for(self, refused: StopReason, worst: float) -> None:
+        """Stop the run because --max-cost (BUDGET) or a cap across runs (CAP) leaves no room."""
+        budget = self.budget
+        if refused is StopReason.BUDGET and budget is not None:
+            s = self.summary
+            self.request_stop(
+                StopReason.BUDGET,
+                f"--max-cost ${budget.cap_usd:.4f} reached: ${budget.spent + budget.reserved:.6f} spent or in "
+                f"flight (${s.total_cost_usd:.6f} confirmed, ~${s.unconfirmed_cost_usd:.6f} unconfirmed), "
+                f"${budget.left_usd:.6f} left, not enough for the next prompt's worst case "
+                f"(${worst:.6f}). Rerun with a higher --max-cost to resume.",
+            )
+            return
+        stop = self.caps.refused if self.caps is not None else None
+        message = stop.message if stop is not None else "a spending cap is used up"
+        self.request_stop(StopReason.CAP, f"{message}. Rerun after it resets, or raise the cap, to resume.")
 
     async def _next_settle(self) -> None:
         """Wait until some request in flight settles its reservation (or the run stops)."""
         event = self._settled
         await event.wait()
-
-    def _stop_for_cap(self) -> None:
-        caps = self.caps
-        assert caps is not None
-        stop = caps.refused
-        message = stop.message if stop is not None else "a spending cap is used up"
-        self.request_stop(StopReason.CAP, f"{message}. Rerun after it resets, or raise the cap, to resume.")
 
     def _release_probe(self, model: str) -> None:
         # While a model's probe runs no other request of that model does, so it is the probe.
@@ -799,8 +786,8 @@ class Runner:
         latency: float,
         prior: Sequence[Outcome] = (),
         verdict: Verdict | None = None,
-    ) -> float:
-        """Append the prompt's row; return what it spent (confirmed plus estimated unconfirmed).
+    ) -> tuple[dict[str, Any], float]:
+        """Append the prompt's row; return it and what it spent (confirmed plus estimated unconfirmed).
 
         ``prior``: paid answers that re-asks replaced; their cost is in this row's totals (and
         apart, as ``reask_cost_usd``), so the ledger's sum stays what the server billed.
@@ -817,6 +804,7 @@ class Runner:
             attempts += sum(o.attempts for o in prior)
             causes = [c for o in prior for c in o.causes] + ["reask"] * len(prior) + causes
             s.reask_cost_usd += reask_cost
+            s.reasks += len(prior)
         err = outcome.error
         if comp is not None and comp.finish_reason == "length":
             s.length_cut += 1
@@ -843,29 +831,27 @@ class Runner:
             row["reasks"] = len(prior)
             row["reask_cost_usd"] = reask_cost
         self._ledger.append(row)
-        self._last_row = row
         self._intents.finished(row_key(rec.id, rec.sample))
         self._schedule_flush()
 
         s.requests += 1
         s.retries += outcome.attempts - 1
+        s.total_cost_usd += charge.total_cost_usd
         if comp is not None and err is None:
             s.ok += 1
             self._any_response = True
-            s.total_cost_usd += charge.total_cost_usd
             s.prompt_tokens += charge.prompt_tokens or 0
             s.completion_tokens += charge.completion_tokens or 0
         else:
             s.failed += 1
             kind = err.kind if err else "unknown"
             s.failures_by_cause[kind] = s.failures_by_cause.get(kind, 0) + 1
-            s.total_cost_usd += charge.total_cost_usd
             self._on_final_error(err)
         if charge.unconfirmed_cost_usd:
             s.unconfirmed_cost_usd += charge.unconfirmed_cost_usd
         for w in charge.warnings:
             s.warnings[w] = s.warnings.get(w, 0) + 1
-        return charge.spent
+        return row, charge.spent
 
     def _on_final_error(self, err: ApiError | None) -> None:
         if isinstance(err, InsufficientBalance):
