@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import importlib.metadata
 import math
 import time
 import urllib.parse
@@ -44,6 +43,7 @@ from .errors import (
     error_class,
     status_for_code,
 )
+from .models import BATCHGATE_VERSION
 from .sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEOverflow
 from .usage import Usage, parse_usage
 
@@ -61,16 +61,9 @@ __all__ = [
 ]
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("batchgate")
-    except importlib.metadata.PackageNotFoundError:
-        return "dev"
-
-
 _loads = orjson.loads
 _monotonic = time.monotonic
-_USER_AGENT = f"batchgate/{_version()}"
+_USER_AGENT = f"batchgate/{BATCHGATE_VERSION}"
 _CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 #: A Retry-After longer than this is capped (and the message says so): minutes, not a day.
 RETRY_AFTER_CAP_S = 300.0

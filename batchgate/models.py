@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "BATCHGATE_VERSION",
     "LEDGER_DEFAULTS",
     "LEDGER_FIELDS",
     "LEDGER_VERSION",
@@ -47,6 +49,17 @@ _EXIT_CODES = {
     StopReason.INTERRUPTED: 130,
     StopReason.TERMINATED: 143,
 }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("batchgate")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+#: The installed batchgate's version ("dev" from a source tree that is not installed).
+BATCHGATE_VERSION = _version()
 
 #: Bumped when fields are added or change meaning; readers accept every version up to this one,
 #: and a key a row lacks (an older version wrote it) reads as its default below.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
-import importlib.metadata
 import os
 import stat
 from pathlib import Path
@@ -27,16 +26,11 @@ from typing import Any
 
 import orjson
 
+from .models import BATCHGATE_VERSION
+
 __all__ = ["VALIDATED_NAME", "Watermark", "inputs_key", "load_validation", "save_validation"]
 
 VALIDATED_NAME = "inputs.json"
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("batchgate")
-    except importlib.metadata.PackageNotFoundError:
-        return "dev"
 
 
 def _identity(path: str | os.PathLike[str]) -> list[Any] | None:
@@ -67,7 +61,7 @@ def inputs_key(paths: list[Path], settings: dict[str, Any]) -> str | None:
             if ident is None:
                 return None
             shaped[name] = ident
-    doc = {"inputs": ids, "settings": shaped, "version": _version()}
+    doc = {"inputs": ids, "settings": shaped, "version": BATCHGATE_VERSION}
     return hashlib.blake2b(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS, default=str), digest_size=16).hexdigest()
 
 
