@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from simrun import sim_config
 
 from batchgate.config import RunConfig
 from batchgate.ledger import LEDGER_NAME
@@ -20,22 +21,8 @@ def write_prompts(path: Path, ids: list[str], **extra: Any) -> Path:
 
 
 def config(out: Path, url: str, **kw: Any) -> RunConfig:
-    base: dict[str, Any] = dict(
-        out_dir=out,
-        api_key="gp-test",
-        base_url=url,
-        default_model="sim-model",
-        concurrency=16,
-        max_attempts=4,
-        backoff_base_s=0.001,
-        backoff_max_s=0.01,
-        idle_timeout_s=5.0,
-        key_concurrency=None,
-        key_rpm=None,
-        key_burst_10s=None,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+    defaults: dict[str, Any] = dict(concurrency=16, max_attempts=4, idle_timeout_s=5.0)
+    return sim_config(out, url, **(defaults | kw))
 
 
 def rows(out: Path) -> list[dict[str, Any]]:

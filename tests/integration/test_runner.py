@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from simrun import sim_config
 
 from batchgate.config import RunConfig
 from batchgate.ledger import LEDGER_NAME
@@ -27,23 +28,8 @@ def write_prompts(path: Path, n: int, *, start: int = 0, max_tokens: int = 24) -
 
 
 def config(out: Path, url: str, **kw: Any) -> RunConfig:
-    base: dict[str, Any] = dict(
-        out_dir=out,
-        api_key="gp-test",
-        base_url=url,
-        default_model="sim-model",
-        concurrency=32,
-        max_attempts=8,
-        backoff_base_s=0.001,
-        backoff_max_s=0.01,
-        idle_timeout_s=1.0,
-        check_models=False,  # made-up model ids: the simulator serves them, its catalog lacks them
-        key_concurrency=None,  # the simulator here enforces no per-key limits
-        key_rpm=None,
-        key_burst_10s=None,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+    defaults: dict[str, Any] = dict(concurrency=32, max_attempts=8, idle_timeout_s=1.0, check_models=False)
+    return sim_config(out, url, **(defaults | kw))
 
 
 def ledger_rows(out: Path) -> list[dict[str, Any]]:
