@@ -350,6 +350,7 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
     api_key = SIMULATOR_KEY if opts["simulate"] else load_api_key(opts["api_key_file"], warn=key_warnings)
     for warning in key_warnings:
         _warn(opts, warning)
+    key_limits = opts.get("key_limits", True)
     config = RunConfig(
         out_dir=out_dir,
         api_key=api_key,
@@ -363,9 +364,9 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         max_cost_usd=opts["max_cost"],
         rpm=opts["rpm"],
         check_models=opts.get("model_check", True),
-        key_concurrency=opts["key_concurrency"] if opts.get("key_limits", True) else None,
-        key_rpm=opts["key_rpm"] if opts.get("key_limits", True) else None,
-        key_burst_10s=opts["key_rpm"] / 3 if opts.get("key_limits", True) else None,
+        key_concurrency=opts["key_concurrency"] if key_limits else None,
+        key_rpm=opts["key_rpm"] if key_limits else None,
+        key_burst_10s=opts["key_rpm"] / 3 if key_limits else None,
         grace_s=opts["grace"],
         jobs=[job_name] * len(inputs) if job_name else None,
         chat_defaults=chat,
@@ -388,10 +389,10 @@ def _settings(ctx: click.Context, opts: dict[str, Any]) -> tuple[list[Path], Run
         on_length=opts.get("on_length") or "keep",
     )
     if config.key_concurrency is not None and config.concurrency > config.key_concurrency:
-        click.echo(
-            f"batchgate: warning: GonkaGate allows {config.key_concurrency} concurrent requests per key; running at "
+        _warn(
+            opts,
+            f"GonkaGate allows {config.key_concurrency} concurrent requests per key; running at "
             f"{config.key_concurrency} (--key-concurrency N if your key allows more)",
-            err=True,
         )
     return inputs, config, opts
 
