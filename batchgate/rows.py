@@ -43,7 +43,6 @@ def make_row(
     retry_causes: list[str],
     started_at: str,
     latency_s: float,
-    cached: dict[str, Any] | None = None,
     failed: bool = False,
 ) -> dict[str, Any]:
     """The ledger row of one finished prompt: ok when ``completion`` is given, else failed.
@@ -54,15 +53,7 @@ def make_row(
     ok = completion is not None
     content = completion.content if completion is not None else ""
     finish_reason = completion.finish_reason if completion is not None else None
-    error_record = None
-    if error is not None:
-        error_record = error.as_record()
-        code = getattr(error, "code", None)
-        request_id = getattr(error, "request_id", None)
-        if code is not None:
-            error_record["code"] = code
-        if request_id is not None:
-            error_record["request_id"] = request_id
+    error_record = error.as_record() if error is not None else None  # with its code and request id
     request_id = getattr(completion, "request_id", None) if ok else getattr(error, "request_id", None)
     ttft = getattr(completion, "ttft_s", None) if ok else None
     return {
@@ -98,6 +89,6 @@ def make_row(
         "usage_raw": charge.usage_raw,
         "cost_status": charge.cost_status,
         "warnings": charge.warnings or None,
-        "cached": bool(cached),
-        "cached_cost_usd": cached.get("total_cost_usd") if cached else None,
+        "cached": False,  # a row answered from the cache is built by cache.row_from_cache over this one
+        "cached_cost_usd": None,
     }
