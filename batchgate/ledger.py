@@ -725,6 +725,7 @@ class IntentLog:
 
     def open(self) -> PossiblyBilled:
         """Resolve what crashed runs left; start this run's file; return the directory's total so far."""
+        _refuse_symlink(self.dir)  # a linked intents/ would have this run write outside --out
         _ensure_dir(self.dir)
         for leftover in sorted(self.dir.glob("*.jsonl")):
             if leftover.is_symlink() or leftover == self.path:
@@ -817,7 +818,11 @@ def _record_possibly_billed(out_dir: Path, run_id: str, found: PossiblyBilled) -
         return
     row = {"v": 1, "run_id": run_id, "attempts": found.attempts, "usd": found.usd, "unpriced": found.unpriced}
     path = out_dir / POSSIBLY_BILLED_NAME
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    _refuse_symlink(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot open for writing ({exc.strerror})") from None
     try:
         _write_all(fd, orjson.dumps(row) + b"\n", path)
         os.fsync(fd)

@@ -306,6 +306,8 @@ class Runner:
         data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
         with contextlib.suppress(OSError):  # run files are a convenience; the ledger is the record
             runs = self.config.out_dir / "runs"
+            if runs.is_symlink():  # never write outside --out through a planted link
+                return
             runs.mkdir(exist_ok=True)
             write_atomic(runs / f"{self.run_id}.json", data)
             if finished:

@@ -306,3 +306,29 @@ async def test_a_rerun_with_nothing_left_to_send_needs_no_network(tmp_path: Path
         [src], config(out, "http://127.0.0.1:9/v1", check_models=True, default_model="sim-model")
     ).run()
     assert (offline.exit_code, offline.requests, offline.skipped) == (0, 0, 12)
+
+
+@pytest.mark.parametrize("planted", ["intents", "possibly_billed.jsonl", "runs"])
+async def test_links_planted_in_the_output_directory_write_nothing_outside_it(tmp_path: Path, planted: str) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / INTENTS_DIR).mkdir()
+    _crashed_intents(out, "20261201T000000Z-dead00", [{"k": "q1", "a": 1, "fp": None, "w": 0.01}])
+    if planted == "intents":
+        (out / INTENTS_DIR / "20261201T000000Z-dead00.jsonl").rename(elsewhere / "x.jsonl")
+        (out / INTENTS_DIR).rmdir()
+    target = elsewhere / planted
+    (out / planted).symlink_to(target)
+    async with running_simulator(SimulatorConfig(seed=1)) as sim:
+        runner = Runner([src], config(out, sim.base_url))
+        try:
+            summary = await runner.run()
+        except LedgerError as exc:
+            assert "symbolic link" in str(exc)
+        else:
+            assert summary.ok == 12  # runs/ is a convenience: skipped, the run goes on
+    assert not target.exists()  # nothing written through the link
+    assert sorted(p.name for p in elsewhere.iterdir()) == (["x.jsonl"] if planted == "intents" else [])
