@@ -9,7 +9,12 @@ Three things bound when an attempt may start:
   over the last ``share_window`` outcomes, and only when that share exceeds ``share_threshold``.  A
   few scattered 429s (a busy gateway) are not overload: halving on each one collapsed a run to
   concurrency 1.  ``Retry-After`` belongs to the request it came with (the retry policy waits it);
-  it never pauses the other workers.  Successes grow the limit back by ``1/limit`` each (AIMD).
+  it never pauses the other workers.  Successes grow the limit back by ``1/limit`` each (AIMD),
+  and eight times slower in the last 10% below a limit that hit an edge (TCP CUBIC's plateau): a
+  server that refuses above 50 streams answers 429 to the 51st at once, so each slot too many
+  churns out 429s far faster than the slots below it succeed (a share of over twice the
+  threshold); probing that edge slowly keeps the steady 429 share near zero, and past it growth
+  is fast again (the server's limit has grown).
 - **An outage**: ``outage_after`` failed attempts in a row (connection refused, 5xx, stalls) pause
   every start for a doubling time (up to ``max_pause_s``) and then let one probe through, so a
   network blip costs the probes and not the retries of every prompt in the file.
@@ -43,6 +48,9 @@ __all__ = [
 KEY_CONCURRENCY = 50
 KEY_RPM = 600
 KEY_BURST_10S = 200
+
+# How much slower the limit grows just below the level a 429 slow-down last cut it from.
+PLATEAU_SLOWDOWN = 8.0
 
 # What ThrottleStatistics.reason may say.
 REASONS = ("ok", "429 slow-down", "key limit", "outage pause", "rpm")
@@ -207,6 +215,7 @@ class Throttle:
         self._stale = 0  # outcomes still due from attempts started before the last slow-down
         self._share_threshold = share_threshold
         self._threshold = float(ceiling)  # slow start below it (after an outage), +1/limit above
+        self._cut_from = math.inf  # the limit at the last 429 slow-down: growth is slow just below it
         self._failures_in_a_row = 0
         self._outage_after = outage_after
         self._pause_s = 0.0
@@ -321,6 +330,8 @@ class Throttle:
             self._window.add(False)
         if self.limit < self.max_concurrency:
             step = 1.0 if self.limit < self._threshold else 1.0 / self.limit
+            if 0.9 * self._cut_from <= self.limit < self._cut_from:
+                step /= PLATEAU_SLOWDOWN
             self.limit = min(float(self.max_concurrency), self.limit + step)
             if self._waiters:
                 self._wake()
@@ -354,6 +365,10 @@ class Throttle:
         window = self._window
         window.add(True)
         if window.full and window.share > self._share_threshold:
+            # An edge answers every start above it at once, so its share is far above the
+            # threshold; scattered 429s (a busy gateway) barely cross it and set no plateau.
+            edge = window.share > 2 * self._share_threshold
+            self._cut_from = self.limit if edge else math.inf
             self.limit = slowed_limit(self.limit, window.share)
             self._threshold = self.limit
             self.min_limit_seen = min(self.min_limit_seen, self.limit)

@@ -197,6 +197,25 @@ def test_a_high_429_share_slows_down_in_proportion_then_grows_back() -> None:
     assert 100.5 < t.limit < 102  # additive: about +1 per limit's worth of successes
 
 
+def test_growth_is_slow_just_below_an_edge_and_normal_after_scattered_429s() -> None:
+    """A 50 % share (an edge) sets a plateau below the cut level; a 7 % share (noise) sets none."""
+    edge = Throttle(40, key_concurrency=None, share_window=20, share_threshold=0.05)
+    for i in range(20):
+        edge.on_rate_limited(None) if i % 2 else edge.on_success()
+    assert edge.limit == pytest.approx(20.0)
+    for _ in range(1000):
+        edge.on_success()  # ~450 successes to 36 at +1/limit, then 8x slower towards 40
+    assert 36 < edge.limit < 39, edge.limit
+
+    noise = Throttle(40, key_concurrency=None, share_window=100, share_threshold=0.05)
+    for i in range(100):
+        noise.on_rate_limited(None) if i % 16 == 15 or i == 99 else noise.on_success()  # 7 of 100
+    assert noise.slowdowns == 1 and noise.limit == pytest.approx(37.2)
+    for _ in range(200):
+        noise.on_success()  # ~110 successes back to the ceiling
+    assert noise.limit == 40, noise.limit
+
+
 async def test_failures_in_a_row_pause_everyone_and_leave_one_probe() -> None:
     t = Throttle(10, outage_after=3)
     t.on_failure()
