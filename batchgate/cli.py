@@ -657,14 +657,21 @@ def _write_reports(out_dir: Path, quiet: bool) -> None:
     default=["all"],
     show_default=True,
 )
+@click.option(
+    "--partition-by-day",
+    is_flag=True,
+    help="Write the requests as requests/day=YYYY-MM-DD/*.parquet (a hive dataset) instead of requests.parquet.",
+)
 @_guard
-def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str, ...]) -> None:
+def report(paths: tuple[str, ...], out_dir: Path | None, by: str, fmt: tuple[str, ...], partition_by_day: bool) -> None:
     """Cost reports over run directories (or globs, or a parent holding many runs)."""
     formats = ("csv", "parquet", "html") if "all" in fmt else fmt
     with _terminate_as_exit():  # before the imports: a thread they start must inherit the blocked signals
         from . import reports
 
-        result = reports.build_reports(list(paths), out_dir, by=by.split(","), formats=formats)
+        result = reports.build_reports(
+            list(paths), out_dir, by=by.split(","), formats=formats, partition_by_day=partition_by_day
+        )
     click.echo(result.table)
     for skipped in result.data.skipped:
         click.echo(f"{skipped.ledger}:{skipped.line}: skipped: {skipped.reason}", err=True)

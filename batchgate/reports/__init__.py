@@ -12,7 +12,7 @@ has one fixed schema (``REQUEST_COLUMNS``, every field nullable), so runs read t
     duckdb -c "SELECT model, sum(total_cost_usd) FROM 'reports/*/requests.parquet' GROUP BY model"
 """
 
-from .build import ALL_DIR, ReportResult, build_reports, default_out_dir, load_ledger
+from .build import ALL_DIR, DAY_DATASET, ReportResult, build_reports, default_out_dir, load_ledger
 from .data import (
     ALL,
     NONE,
@@ -31,6 +31,7 @@ __all__ = [
     "ALL",
     "ALL_DIR",
     "CACHE_DIR",
+    "DAY_DATASET",
     "NONE",
     "REPORT_FORMATS",
     "REPORT_KEYS",

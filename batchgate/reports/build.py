@@ -16,16 +16,27 @@ from . import formats as report_files
 from . import page
 from .data import REPORT_FORMATS, REPORT_KEYS, ReportData
 from .load import Staged, connect, find_ledgers, stage
-from .summary import REQUESTS_VIEW, aggregate, chart_data, learn_prices, open_requests, write_requests
+from .summary import (
+    PARTITION_KEY,
+    REQUESTS_VIEW,
+    aggregate,
+    chart_data,
+    learn_prices,
+    open_requests,
+    write_requests,
+    write_requests_by_day,
+)
 from .text import text_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ALL_DIR", "ReportResult", "build_reports", "default_out_dir", "load_ledger"]
+__all__ = ["ALL_DIR", "DAY_DATASET", "ReportResult", "build_reports", "default_out_dir", "load_ledger"]
 
 #: Where a report over several runs goes by default, under their common parent.
 ALL_DIR = "_all"
+#: The requests as a hive dataset partitioned by day (``build_reports(partition_by_day=True)``).
+DAY_DATASET = "requests"
 
 
 @dataclass
@@ -45,13 +56,16 @@ def build_reports(
     by: Sequence[str] = ("job", "model"),
     formats: Sequence[str] = REPORT_FORMATS,
     width: int | None = None,
+    partition_by_day: bool = False,
 ) -> ReportResult:
     """Read the ledgers under ``paths`` and write the reports into ``out_dir``, each file atomically.
 
     ``out_dir`` defaults to the ledger's own directory for one ledger, and to ``_all/`` under the
     runs' common parent for several.  Writes ``requests.parquet`` and ``summary.parquet`` (parquet),
-    ``summary.csv`` (csv), ``report.html`` (html).  ``width`` is the terminal table's width (default:
-    the terminal's).  Returns the files written, the totals and the terminal table.
+    ``summary.csv`` (csv), ``report.html`` (html).  With ``partition_by_day`` the requests go to
+    ``requests/day=YYYY-MM-DD/part-N.parquet`` (a hive dataset) instead of ``requests.parquet``;
+    either layout removes the other from ``out_dir``, so no stale copy is left.  ``width`` is the
+    terminal table's width (default: the terminal's).  Returns the files written, the totals and the terminal table.
     Raises ``InputError`` for bad keys/formats or no ledger found; ``LedgerError`` for an unreadable ledger.
     """
     keys = _check_keys(by)
@@ -75,14 +89,20 @@ def build_reports(
             data = aggregate(con, staged, keys, prices)
             if "html" in kinds:
                 chart_data(con, data)
-            if "parquet" in kinds and not _part_is_the_table(staged):
+            if "parquet" in kinds and partition_by_day:
+                write_requests_by_day(con, scratch / DAY_DATASET)
+            elif "parquet" in kinds and not _part_is_the_table(staged):
                 write_requests(con, scratch / "requests.parquet")
         finally:
             con.close()
-        if "parquet" in kinds:
+        if "parquet" in kinds and partition_by_day:
+            files.append(_swap_dir_into_place(scratch / DAY_DATASET, out / DAY_DATASET, scratch))
+            _remove(out / "requests.parquet")
+        elif "parquet" in kinds:
             if _part_is_the_table(staged):  # one part, as it stands: its bytes are requests.parquet
                 shutil.copyfile(staged.parts[0].path, scratch / "requests.parquet")
             files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
+            _remove(out / DAY_DATASET)
             files.append(_write(out / "summary.parquet", report_files.summary_parquet(data.summary, data.key_columns)))
         if "csv" in kinds:
             files.append(_write(out / "summary.csv", report_files.summary_csv(data.summary, data.key_columns)))
@@ -142,6 +162,35 @@ def _move_into_place(src: Path, dst: Path) -> Path:
     except OSError as e:
         raise InputError(f"{dst}: cannot write the report: {e.strerror or e}") from e
     return dst
+
+
+def _swap_dir_into_place(src: Path, dst: Path, scratch: Path) -> Path:
+    """Put the directory ``src`` at ``dst``: the old one moves aside into ``scratch`` first (one
+    rename each; a reader between them finds no dataset, never a half-written one)."""
+    try:
+        for part in src.rglob("*.parquet"):
+            with part.open("rb+") as f:
+                os.fsync(f.fileno())
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.exists():
+            os.replace(dst, scratch / "previous-requests")
+        os.replace(src, dst)
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write the report: {e.strerror or e}") from e
+    return dst
+
+
+def _remove(path: Path) -> None:
+    """The other layout of the requests, now stale: a file or symlink, or a directory holding only
+    ``day=...`` partitions (anything else there is not ours and stays)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir() and all(entry.name.startswith(f"{PARTITION_KEY}=") for entry in path.iterdir()):
+            shutil.rmtree(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot remove the previous report: {e.strerror or e}") from e
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -134,7 +134,7 @@ CASES = {
     "batchgate run prompts.jsonl": "use_it_for_real",
     "batchgate validate prompts.jsonl": "use_it_for_real",
     "batchgate run jobs/nightly.toml": "cron",
-    "batchgate report reports/": "report_over_parent",
+    "batchgate report reports/ ": "report_over_parent",
     "batchgate estimate big.jsonl --sample 200  #": "use_it_for_real",
     "batchgate estimate big.jsonl --sample 200 --model qwen/qwen3-235b-a22b-instruct-2507-fp8 [--max-cost 1.00]": (
         "estimate_section"
@@ -143,8 +143,10 @@ CASES = {
     "batchgate status reports/prompts": "use_it_for_real",
     "batchgate run questions.csv": "dataset_walkthrough",
     "batchgate export reports/questions": "dataset_walkthrough",
-    ".venv/bin/python -c \"import datasets;": "dataset_walkthrough",
-    ".venv/bin/python -c \"import duckdb;": "report_over_parent",
+    '.venv/bin/python -c "import datasets;': "dataset_walkthrough",
+    '.venv/bin/python -c "import duckdb; duckdb.sql(\\"SELECT model': "report_over_parent",
+    "batchgate report reports/ --partition-by-day": "report_over_parent",
+    '.venv/bin/python -c "import duckdb; duckdb.sql(\\"SELECT day': "report_over_parent",
     "_BATCHGATE_COMPLETE=bash_source": "completion",
     "_BATCHGATE_COMPLETE=zsh_source": "completion",
     "mkdir -p ~/.config/fish/completions": "completion",
@@ -232,7 +234,7 @@ def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
     write_prompts(sh.cwd / "prompts.jsonl", 10)
     assert sh.run(f"{export}\nbatchgate run prompts.jsonl --model sim-model -q --no-report").returncode == 0
     assert sh.run(".venv/bin/batchgate run jobs/demo.jsonl --simulate -q --no-report").returncode == 0
-    res = sh.run(readme("batchgate report reports/"))
+    res = sh.run(readme("batchgate report reports/  "))
     assert res.returncode == 0, res.stderr
     # "cost reports across every run below reports/": one table over both runs
     assert re.search(r"^TOTAL\s+60\s", res.stdout, flags=re.M), res.stdout
@@ -240,9 +242,16 @@ def test_report_over_the_parent_of_every_run(sh: Shell) -> None:
     assert any(p.name == "report.html" for p in written)
     assert all((sh.cwd / p).exists() for p in written)
     # "Every run's requests can be queried in place" (the DuckDB line)
-    query = sh.run(readme('.venv/bin/python -c "import duckdb;'))
+    query = sh.run(readme('.venv/bin/python -c "import duckdb; duckdb.sql(\\"SELECT model'))
     assert query.returncode == 0, query.stderr
     assert "sim-model" in query.stdout and "usd" in query.stdout
+    # "--partition-by-day writes the requests as a hive-style dataset", read back by day
+    res = sh.run(readme("batchgate report reports/ --partition-by-day"))
+    assert res.returncode == 0 and (sh.cwd / "reports/_all/requests").is_dir(), res.stderr
+    assert not (sh.cwd / "reports/_all/requests.parquet").exists()
+    by_day = sh.run(readme('.venv/bin/python -c "import duckdb; duckdb.sql(\\"SELECT day'))
+    assert by_day.returncode == 0, by_day.stderr
+    assert re.search(r"\d{4}-\d{2}-\d{2}", by_day.stdout) and "usd" in by_day.stdout, by_day.stdout
 
 
 # -- Generate a dataset --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def test_two_runs_parquet_one_with_failures_query_together_in_duckdb(tmp_path: P
     rows, errors, cost, failed, latest, ledgers = got
     assert (rows, errors, failed, ledgers) == (8, 1, 2, 2)
     assert math.isclose(cost, math.fsum(r["total_cost_usd"] for r in clean + faulty), rel_tol=1e-12)
-    assert latest.isoformat() == "2025-04-01T10:00:00+00:00"  # a timestamp, not a string
+    assert latest == datetime(2025, 4, 1, 10, tzinfo=UTC)  # a timestamp, not a string
 
 
 def test_v2_columns_reach_the_parquet_and_samples_are_separate_requests(tmp_path: Path) -> None:
@@ -343,3 +344,73 @@ def test_a_torn_tail_is_read_once_its_line_is_whole(tmp_path: Path) -> None:
     second = build_reports([run], formats=("csv",))
     assert second.totals["rows"] == 2 and second.data.skipped == []
     assert len(cached_parts(run)) == 2
+
+
+# -- the requests as a hive dataset partitioned by day ----------------------------------------------
+
+
+def three_days(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """A ledger over three UTC days, a job named like a number, a row with an unreadable start."""
+    rows = [
+        row("d1", started_at="2025-04-01T23:59:59.000Z", job="2025"),
+        row("d2", started_at="2025-04-02T00:00:01.000Z", reasoning="thought", total_cost_usd=0.5),
+        row("d3", started_at="2025-04-03T12:00:00.000Z", status="failed", job="x/y z"),
+        row("d4", started_at="not a time"),
+    ]
+    write(tmp_path / "run", rows)
+    return tmp_path / "run", rows
+
+
+def test_partitioned_by_day_reads_back_in_duckdb_pandas_and_pyarrow_with_the_fixed_types(tmp_path: Path) -> None:
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    run, rows = three_days(tmp_path)
+    result = build_reports([run], partition_by_day=True)
+    dataset = run / "requests"
+    assert dataset in result.files and not (run / "requests.parquet").exists()
+    days = sorted(p.name for p in dataset.iterdir())
+    assert days == ["day=2025-04-01", "day=2025-04-02", "day=2025-04-03", "day=unknown"]
+
+    con = duckdb.connect()
+    got = con.execute(
+        f"""SELECT id, job, day, started_at, total_cost_usd, has_reasoning
+            FROM read_parquet('{dataset}/**/*.parquet', hive_partitioning = true) ORDER BY id"""
+    ).fetchall()
+    assert [g[0] for g in got] == ["d1", "d2", "d3", "d4"]
+    assert got[0][1] == "2025" and got[2][1] == "x/y z"  # a job like a number stays a string
+    assert str(got[0][2]) == "2025-04-01" and got[3][2] == "unknown"
+    assert got[1][3] == datetime(2025, 4, 2, 0, 0, 1, tzinfo=UTC) and got[3][3] is None  # any session zone
+    assert got[1][4] == 0.5 and got[1][5] is True
+
+    frame = pd.read_parquet(dataset)  # pandas reads the directory as it is
+    assert len(frame) == 4 and set(frame["day"].astype(str)) == {"2025-04-01", "2025-04-02", "2025-04-03", "unknown"}
+    assert frame["job"].tolist().count("2025") == 1 and str(frame["started_at"].dtype) == "datetime64[us, UTC]"
+    assert math.isclose(frame["total_cost_usd"].sum(), math.fsum(r["total_cost_usd"] for r in rows), rel_tol=1e-12)
+    schemas = {str(pq.read_schema(p)) for p in dataset.rglob("*.parquet")}
+    assert len(schemas) == 1  # every file the same types, whatever its rows held
+    table = ds.dataset(dataset, partitioning="hive").to_table(filter=ds.field("day") == "2025-04-02")
+    assert table.column("id").to_pylist() == ["d2"]  # partition pruning by day
+
+
+def test_each_layout_replaces_the_other_and_a_foreign_directory_stays(tmp_path: Path) -> None:
+    run, _ = three_days(tmp_path)
+    build_reports([run], formats=("parquet",))
+    assert (run / "requests.parquet").is_file()
+    build_reports([run], formats=("parquet",), partition_by_day=True)
+    assert not (run / "requests.parquet").exists() and (run / "requests" / "day=unknown").is_dir()
+    build_reports([run], formats=("parquet",), partition_by_day=True)  # again: the old dataset is replaced
+    assert len(list((run / "requests").rglob("*.parquet"))) == 4 and not leftovers(run)
+    build_reports([run], formats=("parquet",))
+    assert (run / "requests.parquet").is_file() and not (run / "requests").exists()
+    (run / "requests").mkdir()
+    (run / "requests" / "mine.txt").write_text("not a report")
+    build_reports([run], formats=("parquet",))
+    assert (run / "requests" / "mine.txt").read_text() == "not a report"
+
+
+def test_report_command_partition_flag(tmp_path: Path) -> None:
+    run, _ = three_days(tmp_path)
+    res = CliRunner().invoke(main, ["report", str(run), "--partition-by-day", "--format", "parquet"])
+    assert res.exit_code == 0, res.output
+    assert f"wrote {run / 'requests'}" in res.output and (run / "requests" / "day=2025-04-03").is_dir()
