@@ -103,7 +103,8 @@ def build_reports(
                 shutil.copyfile(staged.parts[0].path, scratch / "requests.parquet")
             files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
             _remove(out / DAY_DATASET)
-            files.append(_write(out / "summary.parquet", report_files.summary_parquet(data.summary, data.key_columns)))
+            report_files.summary_parquet(data.summary, data.key_columns, scratch / "summary.parquet")
+            files.append(_move_into_place(scratch / "summary.parquet", out / "summary.parquet"))
         if "csv" in kinds:
             files.append(_write(out / "summary.csv", report_files.summary_csv(data.summary, data.key_columns)))
         if "html" in kinds:

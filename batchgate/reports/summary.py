@@ -165,7 +165,9 @@ def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[s
             SELECT *, CAST({estimate} AS DOUBLE) AS unconfirmed_estimate_usd FROM ({source})"""
     )
     old = superseded_rows(con)
-    con.register("superseded", pa.table({"n": pa.array(old, type=pa.int64())}))
+    if len(old):  # from the buffer: pa.array() of a numpy array would import pandas to rule out a Series
+        seq = pa.Array.from_buffers(pa.int64(), len(old), [None, pa.py_buffer(old.astype(np.int64))])
+        con.register("superseded", pa.table({"n": seq}))
     latest = "s.n IS NULL" if len(old) else "true"
     join = "LEFT JOIN superseded s ON r.seq = s.n" if len(old) else ""
     view = f"SELECT r.*, {latest} AS latest FROM {ROWS_VIEW} r {join}"

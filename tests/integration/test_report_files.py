@@ -414,3 +414,17 @@ def test_report_command_partition_flag(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["report", str(run), "--partition-by-day", "--format", "parquet"])
     assert res.exit_code == 0, res.output
     assert f"wrote {run / 'requests'}" in res.output and (run / "requests" / "day=2025-04-03").is_dir()
+
+
+def test_a_report_imports_neither_pandas_nor_matplotlib(tmp_path: Path) -> None:
+    """They cost ~0.5 s of start-up that every end-of-run report would pay for a few aggregates."""
+    write(tmp_path / "run", [row("a"), row("a", total_cost_usd=0.2), row("b", status="failed")])  # a superseded row
+    script = (
+        "import sys\n"
+        "from batchgate.reports import build_reports\n"
+        f"build_reports([{str(tmp_path / 'run')!r}], formats=('csv', 'parquet'))\n"
+        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert pq.read_schema(tmp_path / "run" / "summary.parquet").field("requests").nullable
