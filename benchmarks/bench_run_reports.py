@@ -1,68 +1,89 @@
-"""CPU and peak RSS of a whole ``batchgate run --simulate`` with its end-of-run reports, and without.
+"""The whole ``batchgate run`` a user types, against a bare aiohttp + json loop doing the same requests.
 
-The run's own process is measured (``wait4``: user + system CPU, peak RSS), from interpreter start to
-exit, so imports count: the end-of-run report's DuckDB, pyarrow and matplotlib are what is compared.
-Runs are interleaved ``--repeat`` times; medians shown.  Not part of the test suite.
+Issue 12, goal 1: whole-process CPU of ``batchgate run`` with its end-of-run reports <= 0.8x the bare
+loop over 2,000 x 64-chunk prompts at concurrency 64, wall <= 1.1x, and a one-prompt run under
+0.5 s CPU.  Every variant is one process measured from interpreter start to exit with ``wait4``
+(user + system CPU, peak RSS), so imports count; the simulator runs in its own process.  The bare
+loop is ``bench_cpu.py``'s baseline client (aiohttp, stdlib json, a semaphore, one results file),
+run as a whole process too.  Variants are interleaved ``--repeat`` times; medians shown.
 
-    python benchmarks/bench_run_reports.py [--prompts 2000] [--repeat 3]
+    python benchmarks/bench_run_reports.py [--prompts 2000] [--tokens 64] [--concurrency 64] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cpu import API_KEY, repo_env, run_measured, simulator_process, write_prompts
 
-def measure(cmd: list[str], cwd: Path) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) not in (0, 1):
-        raise SystemExit(f"{cmd} failed with {status}")
-    return {"wall": time.perf_counter() - t0, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss / 1024}
+HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--tokens", type=int, default=64, help="chunks per answer (one token each)")
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-run-reports-") as tmp:
+    env = dict(repo_env(), GONKAGATE_API_KEY=API_KEY)
+    with tempfile.TemporaryDirectory(prefix="bench-run-reports-") as tmp, simulator_process(args.tokens) as url:
         root = Path(tmp)
-        prompts = root / "prompts.jsonl"
-        with prompts.open("w") as f:
-            for i in range(args.prompts):
-                f.write(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}"}]}) + "\n")
-        variants = {"reports": [], "--no-report": ["--no-report"]}
+        many = write_prompts(root / "prompts.jsonl", args.prompts)
+        one = write_prompts(root / "one.jsonl", 1)
+        c = str(args.concurrency)
+
+        def bare(prompts: Path, out: Path) -> list[str]:
+            worker = [sys.executable, str(HERE / "bench_cpu.py"), "--worker", "baseline", "--url", url]
+            return [*worker, "--prompts", str(prompts), "--out", str(out), "--concurrency", c]
+
+        def run(prompts: Path, out: Path, *extra: str) -> list[str]:
+            cmd = [sys.executable, "-m", "batchgate", "run", str(prompts), "--base-url", url, "-c", c]
+            return [*cmd, "--no-key-limits", "--quiet", "--out", str(out), *extra]  # the work, not a key's limit
+
+        variants = {
+            "bare loop": lambda out: bare(many, out),
+            "run": lambda out: run(many, out),
+            "run --no-report": lambda out: run(many, out, "--no-report"),
+            "run, 1 prompt": lambda out: run(one, out),
+            "1 prompt --no-report": lambda out: run(one, out, "--no-report"),
+        }
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for n in range(args.repeat):
-            for name, extra in variants.items():
-                out = root / f"out-{n}-{name.strip('-')}"
-                cmd = [sys.executable, "-m", "batchgate", "run", str(prompts), "--simulate", "--model", "sim-model"]
-                cmd += ["--no-key-limits", "--no-sim-key-limits"]  # measure the work, not a key's rate limit
-                results[name].append(measure([*cmd, "--out", str(out), "--quiet", *extra], root))
+            for name, cmd in variants.items():
+                out = root / f"out-{n}-{len(results[name])}-{name.replace(' ', '_').replace(',', '')}"
+                out.mkdir()
+                code, _, err, wall, usage = run_measured(cmd(out), env)
+                if code != 0:
+                    raise SystemExit(f"{name} failed ({code}):\n{err[-2000:]}")
+                results[name].append(
+                    {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss / 1024}
+                )
                 shutil.rmtree(out, ignore_errors=True)
-        print(f"batchgate run --simulate, {args.prompts:,} prompts (medians of {args.repeat})")
-        print(f"{'variant':<12} {'wall s':>7} {'cpu s':>7} {'peak MB':>8}")
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "cpu", "rss")} for k, v in results.items()}
-        for name, m in med.items():
-            print(f"{name:<12} {m['wall']:>7.2f} {m['cpu']:>7.2f} {m['rss']:>8.0f}")
-        a, b = med["reports"], med["--no-report"]
-        print(
-            f"reports / --no-report: cpu {a['cpu'] / b['cpu']:.2f}x, wall {a['wall'] / b['wall']:.2f}x, "
-            f"peak RSS {a['rss'] / b['rss']:.2f}x; the reports cost {a['cpu'] - b['cpu']:.2f} s CPU"
-        )
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "cpu", "rss")} for k, v in results.items()}
+    print(
+        f"whole processes, {args.prompts:,} prompts x {args.tokens} chunks, concurrency {args.concurrency} "
+        f"(medians of {args.repeat}; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
+    print(f"{'variant':<22} {'wall s':>7} {'cpu s':>7} {'peak MB':>8} {'cpu vs bare':>12} {'wall vs bare':>13}")
+    base = med["bare loop"]
+    for name, m in med.items():
+        ratios = "" if "1 prompt" in name else f"{m['cpu'] / base['cpu']:>11.2f}x {m['wall'] / base['wall']:>12.2f}x"
+        print(f"{name:<22} {m['wall']:>7.2f} {m['cpu']:>7.2f} {m['rss']:>8.0f} {ratios}")
+    a, b = med["run"], med["run --no-report"]
+    print(f"the end-of-run reports cost {a['cpu'] - b['cpu']:.2f} s CPU and {a['rss'] - b['rss']:.0f} MB peak RSS")
+    print(
+        f"goal: run cpu <= 0.8x bare: {a['cpu'] / base['cpu']:.2f}x; wall <= 1.1x: {a['wall'] / base['wall']:.2f}x; "
+        f"one-prompt run < 0.5 s CPU: {med['run, 1 prompt']['cpu']:.2f} s"
+    )
 
 
 if __name__ == "__main__":
