@@ -1,7 +1,7 @@
 """CPU and peak RSS of a whole ``batchgate run --simulate`` with its end-of-run reports, and without.
 
 The run's own process is measured (``wait4``: user + system CPU, peak RSS), from interpreter start to
-exit, so imports count: the end-of-run report's DuckDB, pyarrow and matplotlib are what is compared.
+exit, so imports count: the end-of-run report's DuckDB, pyarrow and pandas are what is compared.
 Runs are interleaved ``--repeat`` times; medians shown.  Not part of the test suite.
 
     python benchmarks/bench_run_reports.py [--prompts 2000] [--repeat 3]
