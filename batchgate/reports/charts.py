@@ -71,7 +71,8 @@ def nice_ticks(lo: float, hi: float, max_ticks: int = 8, *, integer: bool = Fals
     for e in (exponent, exponent + 1, exponent + 2):
         for m in (1, 2, 5):
             step = m * 10.0**e if e >= 0 else m / 10 ** (-e)
-            first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+            first = math.floor(lo / step + 1e-9)
+            last = max(math.ceil(hi / step - 1e-9), first + 1)  # the tolerance must not leave one tick
             if last - first + 1 <= max_ticks:
                 return [(i * m * 10**e if e >= 0 else i * m / 10 ** (-e)) + 0.0 for i in range(first, last + 1)]
     raise AssertionError("unreachable: a step ten times the raw step always fits")  # pragma: no cover
