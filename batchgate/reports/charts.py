@@ -11,8 +11,8 @@ import html
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from .data import NONE, Histogram, ReportData, RunCurve, is_missing
 
@@ -27,7 +27,7 @@ _INK, _MUTED, _AXIS, _GRID = "#1d2430", "#5d6776", "#c5ccd6", "#eceff3"
 _FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"  # the page's stack
 _W, _H = 600, 330  # drawn about this size on the page, so font sizes are what a reader sees
 _MAX_MODELS, _MAX_CAUSES, _MAX_BINS, _MAX_DAYS = 12, 10, 120, 92
-_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # what XML 1.0 cannot hold
 _TIME_STEPS = (
     *(1, 2, 5, 10, 15, 30),
     *(60 * m for m in (1, 2, 5, 10, 15, 30)),
@@ -157,8 +157,7 @@ def _f(value: float) -> str:
 # --- SVG pieces ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Box:
+class _Box(NamedTuple):
     """A rectangle in SVG user units."""
 
     x: float
@@ -175,8 +174,7 @@ class _Box:
         return self.y + self.h
 
 
-@dataclass(frozen=True, slots=True)
-class _Scale:
+class _Scale(NamedTuple):
     """Linear map from a data domain to pixels; a zero-width domain maps to the middle (no division by zero)."""
 
     d0: float
@@ -285,8 +283,7 @@ def _x_grid(y0: float, y1: float, scale: _Scale, ticks: Sequence[float], label: 
 # --- horizontal bars (cost by model, failures) ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Bar:
+class _Bar(NamedTuple):
     label: str  # full text; shortened on the axis
     parts: tuple[float, ...]  # stacked values, one per colour
     note: str  # printed at the bar's end

@@ -108,8 +108,8 @@ def test_report_numbers_do_not_import_the_plotting_library() -> None:
     for module in REPORT_LAYERS:
         assert "matplotlib" not in imports(f"reports.{module}"), module
     # The charts are plain string building: the standard library and the report's own numbers only.
-    assert imports("reports.charts") <= {"__future__", "html", "math", "re", "collections", "dataclasses",
-                                         "datetime", ".data"}  # fmt: skip
+    assert imports("reports.charts") <= {"__future__", "html", "math", "re", "collections", "datetime", "typing",
+                                         ".data"}  # fmt: skip
     for module in ("data", "text", "charts", "page"):  # renderers see numbers, not the engine
         assert "duckdb" not in imports(f"reports.{module}"), module
 
