@@ -59,7 +59,7 @@ def nice_ticks(lo: float, hi: float, max_ticks: int = 8, *, integer: bool = Fals
     gets two ticks, from zero; ``integer`` keeps the step at 1 or more (counts).
     """
     max_ticks = max(3, max_ticks)
-    lo, hi = _num(lo), _num(hi)
+    lo, hi = (min(max(_num(v), -1e300), 1e300) for v in (lo, hi))  # hi - lo stays finite
     lo, hi = min(lo, hi), max(lo, hi)
     if hi - lo <= max(abs(lo), abs(hi)) * 1e-9 or hi - lo < 1e-12:
         lo, hi = min(0.0, lo), max(0.0, hi)
@@ -402,6 +402,11 @@ def _curve_points(curve: RunCurve) -> tuple[list[float], list[float], list[float
     return xs, ys, extra
 
 
+def _utc(seconds: float) -> datetime:
+    """Epoch seconds as a UTC time, clamped to the years datetime can hold (a corrupt ledger must not raise)."""
+    return datetime.fromtimestamp(min(max(seconds, -62_135_596_800), 253_402_300_799), UTC)
+
+
 def _time_ticks(t0: float, t1: float) -> tuple[list[float], list[list[str]]]:
     """Clock ticks (epoch seconds) inside ``[t0, t1]``, at most 7, and their labels (a date under a new day)."""
     span = t1 - t0
@@ -410,7 +415,7 @@ def _time_ticks(t0: float, t1: float) -> tuple[list[float], list[list[str]]]:
     labels: list[list[str]] = []
     last_day = ""
     for tick in ticks:
-        when = datetime.fromtimestamp(tick, UTC)
+        when = _utc(tick)
         day = f"{when:%b} {when.day}"
         if step >= 30 * 86400:
             labels.append([f"{when:%Y-%m-%d}"])
@@ -450,7 +455,7 @@ def _spend_single(curve: RunCurve) -> str:
         body += [_text(x(tick), bottom + 17 + 13 * i, text, size=11, anchor="middle") for i, text in enumerate(lines)]
     line = _steps(xs, ys, x, y)
     body.append(f'<path d="{line}V{_f(y(ticks[0]))}H{_f(x(xs[0]))}Z" fill="{_BLUE}" fill-opacity="0.08"/>')
-    total = f"{_money(ys[-1])} confirmed by {datetime.fromtimestamp(xs[-1], UTC):%Y-%m-%d %H:%M:%S} UTC"
+    total = f"{_money(ys[-1])} confirmed by {_utc(xs[-1]):%Y-%m-%d %H:%M:%S} UTC"
     body.append(f"<g><title>{_esc(total)}</title>{_line(line, _BLUE, 2)}</g>")
     if cut is not None:
         body.append(_line(_steps(xs, tops, x, y), _ORANGE, 1.5, ' stroke-dasharray="6 4"'))

@@ -120,6 +120,22 @@ def test_every_chart_is_well_formed_scalable_svg_with_no_nan(case: str) -> None:
         assert len(root) > 0 and texts(root), name  # something drawn or said, never a blank box
 
 
+def test_extreme_values_draw_without_raising() -> None:
+    huge = make_data(
+        cost_by_model=[("a", 1e308, 1e308), ("b", 1e-300, 0.0)],
+        spend_single=RunCurve("x", [-1e30, 0.0, 1e30], [0.0, 1e308, -1e308], [1e308, 1e308, 1e308]),
+        latency=Histogram(counts=[10**30, 1], edges=[-1e308, 0.0, 1e308], percentiles={50: 1e308}, values=10**30),
+        retry_causes={"x": 10**30},
+        cost_by_day=[("2025-03-01", 1e308), ("9999-99-99", 1e308)],
+    )
+    runs = make_data(spend_single=None, spend_runs=[RunCurve("r", [0.0, 1e300], [0.0, 1.0])], run_count=1)
+    for data in (huge, runs):
+        for name, root in charts(data).items():
+            assert texts(root), name
+    ticks = nice_ticks(-1e308, 1e308)  # clamped to +-1e300, so the span stays finite
+    assert ticks[0] == -1e300 and ticks[-1] == 1e300 and len(ticks) <= 8
+
+
 def test_cost_by_day_only_when_more_than_one_day() -> None:
     assert "cost-by-day" in charts(make_data())
     assert "cost-by-day" not in charts(make_data(cost_by_day=[("2025-03-01", 0.5)]))
