@@ -129,8 +129,9 @@ def _count(value: float) -> str:
 
 
 def _clean(text: object) -> str:
-    """Ledger text as a label: ``(none)`` for a null, characters XML cannot hold replaced."""
-    return _XML_INVALID.sub("\ufffd", NONE if is_missing(text) else str(text))
+    """Ledger text as a label: ``(none)`` for a null, ``""`` for blank, characters XML cannot hold replaced."""
+    value = NONE if is_missing(text) else str(text)
+    return _XML_INVALID.sub("\ufffd", value) if value.strip() else '""'
 
 
 def _esc(text: str) -> str:
