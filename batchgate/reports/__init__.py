@@ -3,7 +3,7 @@
 Read-only over ``results.jsonl``; never imported by ``runner``.  Layers, each importing only those
 before it: ``data`` (the public numbers a report is made of) -> ``load`` (finding ledgers, staging them
 with DuckDB) -> ``summary`` (aggregates) -> ``formats`` / ``text`` / ``charts`` -> ``page`` -> ``build``.
-DuckDB, pyarrow, pandas and matplotlib are imported only inside the functions that use them.
+DuckDB, pyarrow and pandas are imported only inside the functions that use them.
 
 Each ledger's rows are staged once as typed Parquet parts in ``.report-cache/`` beside it (one per
 appended byte range), so a report after a run parses only what that run appended.  ``requests.parquet``

@@ -1,8 +1,7 @@
 """The report page: one self-contained HTML file with headline cards, charts and the summary table.
 
 It renders a ``ReportData`` (aggregates only), so the page is small and quick over a million-row
-ledger; the charts come from ``charts`` (matplotlib, imported only there) as inline SVG: no script,
-no external URL.
+ledger; the charts come from ``charts`` as hand-written inline SVG: no script, no external URL.
 """
 
 from __future__ import annotations

@@ -651,7 +651,7 @@ def test_names_from_the_ledger_cannot_inject_markup_or_mathtext(tmp_path: Path) 
     hostile = "<script>alert(1)</script>"
     write_ledger(
         tmp_path / "run",
-        # Between two dollars matplotlib would parse mathtext, and fail on an unknown command.
+        # Dollars, backslashes and markup must come out literally, in the table and in the charts.
         [make_row("a", job=hostile, model=r"m$\nope$"), make_row("b", model=r"m$\nope$", cut=5, cut_cost=None)],
     )
     build_reports([tmp_path / "run"], formats=("html",))
@@ -659,3 +659,5 @@ def test_names_from_the_ledger_cannot_inject_markup_or_mathtext(tmp_path: Path) 
     assert "<script" not in page
     assert html.escape(hostile) in page
     assert r"m$\nope$" in page  # shown literally in the table and the estimate note
+    chart = page[page.index('id="chart-cost-by-model"') :].split("</figure>")[0]
+    assert r"<title>m$\nope$: " in chart  # and in the chart's tooltip
