@@ -89,8 +89,13 @@ def test_eight_processes_share_one_daily_cap(tmp_path: Path) -> None:
 def test_processes_killed_at_random_never_let_the_cap_pass(tmp_path: Path) -> None:
     budget = tmp_path / "budget.jsonl"
     rng = random.Random(7)
-    # the four to be killed are slow, so they are still buying when the kill comes
-    procs = [_spawn(tmp_path, budget, 2.0, seed, pause=0.05 if seed < 4 else 0.005) for seed in range(8)]
+    # The four to be killed are slow, so they are still buying when the kill comes; the four fast
+    # ones start once those are buying (on a loaded machine they could use the cap up first).
+    slow = [_spawn(tmp_path, budget, 2.0, seed, pause=0.05) for seed in range(4)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all("\nS " in _output(tmp_path, seed) for seed in range(4)):
+        time.sleep(0.005)
+    procs = slow + [_spawn(tmp_path, budget, 2.0, seed, pause=0.005) for seed in range(4, 8)]
     for seed, p in enumerate(procs[:4]):
         deadline = time.monotonic() + 60
         wanted = rng.randint(1, 6)
