@@ -43,7 +43,6 @@ from os import PathLike
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import orjson
 
 from batchgate.errors import InputError
@@ -378,10 +377,23 @@ def _id_digest(rid: str) -> bytes:
     return hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
+_SMALL = 10_000  # inputs up to this many lines find their duplicate ids in a Python set (~1 MB)
+
+
 def _duplicated_digests(hashes: array[int]) -> set[bytes]:
     """The digests that occur more than once (sort, then compare neighbours)."""
     if len(hashes) < 2:
         return set()
+    if len(hashes) <= _SMALL:  # a set of ints: no numpy import (~0.07 s) for an everyday input
+        seen: set[int] = set()
+        twice: set[int] = set()
+        for h in hashes:
+            if h in seen:
+                twice.add(h)
+            seen.add(h)
+        return {array("Q", [h]).tobytes() for h in twice}
+    import numpy as np
+
     values = np.frombuffer(hashes, dtype=np.uint64)
     values.sort()  # in place: no second copy of the hashes
     repeated = np.unique(values[1:][values[1:] == values[:-1]]).tobytes()

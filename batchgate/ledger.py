@@ -19,13 +19,19 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 import orjson
 
 from .errors import LedgerError, OutputLocked
+
+if TYPE_CHECKING:  # numpy is imported where an index holds answers: a fresh run never pays for it
+    import numpy as np
+    import numpy.typing as npt
+
+    _U64 = npt.NDArray[np.uint64]
+    _Bools = npt.NDArray[np.bool_]
+    _Columns = tuple[_U64, _U64, _U64]
 
 __all__ = [
     "LEDGER_NAME",
@@ -67,9 +73,11 @@ class IdSet:
     """
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
+        import numpy as np
+
         self._pending = bytearray()
-        self._hi: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
-        self._lo: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
+        self._hi: _U64 = np.empty(0, dtype=np.uint64)
+        self._lo: _U64 = np.empty(0, dtype=np.uint64)
         for rid in ids:
             self.add(rid)
 
@@ -83,19 +91,23 @@ class IdSet:
     def __contains__(self, rid: object) -> bool:
         return isinstance(rid, str) and bool(self.contains([rid])[0])
 
-    def contains(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]:
+    def contains(self, ids: Sequence[str]) -> _Bools:
         """Membership of many ids at once (one vectorised search)."""
+        import numpy as np
+
         self._freeze()
         if not len(self._hi) or not ids:
             return np.zeros(len(ids), dtype=bool)
         keys = np.frombuffer(b"".join(_digest(rid) for rid in ids), dtype=np.uint64).reshape(-1, 2)
         at = np.minimum(np.searchsorted(self._hi, keys[:, 0]), len(self._hi) - 1)
-        found: npt.NDArray[np.bool_] = (self._hi[at] == keys[:, 0]) & (self._lo[at] == keys[:, 1])
+        found: _Bools = (self._hi[at] == keys[:, 0]) & (self._lo[at] == keys[:, 1])
         return found
 
     def _freeze(self) -> None:
         if not self._pending:
             return
+        import numpy as np
+
         fresh = np.frombuffer(self._pending, dtype=np.uint64).reshape(-1, 2)
         hi = np.concatenate([self._hi, fresh[:, 0]])
         lo = np.concatenate([self._lo, fresh[:, 1]])
@@ -124,22 +136,18 @@ def _fp64(fingerprint: object) -> int:
     return 0
 
 
-_Bools = npt.NDArray[np.bool_]
-
-
 class AnswerIndex:
     """The ok answers of a ledger: key digest -> fingerprint of the request that bought it.
 
     The latest ok row of a key wins (a prompt re-run after an edit supersedes its old answer).
     24 bytes an answer, so ten million of them fit in 240 MB at most, with no strings kept.
+    Empty (``columns is None``) it needs no numpy, so a first run does not import it.
     """
 
     def __init__(self) -> None:
         self._pending = bytearray()
         self._fps: list[int] = []
-        self._hi: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
-        self._lo: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
-        self._fp: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
+        self.columns: _Columns | None = None  # (hi, lo, fingerprint) sorted by key; None when empty
 
     def add(self, key: str, fingerprint: object = None) -> None:
         self._pending += _digest(key)
@@ -147,7 +155,7 @@ class AnswerIndex:
 
     def __len__(self) -> int:
         self._freeze()
-        return len(self._hi)
+        return 0 if self.columns is None else len(self.columns[0])
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self.contains([key])[0])
@@ -160,32 +168,48 @@ class AnswerIndex:
     def lookup(self, keys: Sequence[str], fingerprints: Sequence[str]) -> tuple[_Bools, _Bools]:
         """(done, stale) per key: done = an ok row whose fingerprint matches (or is unknown);
         stale = an ok row bought for a request that has changed since."""
+        import numpy as np
+
         self._freeze()
         n = len(keys)
-        if not len(self._hi) or not n:
+        if self.columns is None or not len(self.columns[0]) or not n:
             none = np.zeros(n, dtype=bool)
             return none, none.copy()
+        hi, lo, fps = self.columns
         q = np.frombuffer(b"".join(_digest(k) for k in keys), dtype=np.uint64).reshape(-1, 2)
-        at = np.minimum(np.searchsorted(self._hi, q[:, 0]), len(self._hi) - 1)
+        at = np.minimum(np.searchsorted(hi, q[:, 0]), len(hi) - 1)
         # Several keys may share the first 64 bits; walk forward over that run (rare).
         found = np.zeros(n, dtype=bool)
         fp = np.zeros(n, dtype=np.uint64)
         for step in range(4):
-            idx = np.minimum(at + step, len(self._hi) - 1)
-            hit = (~found) & (self._hi[idx] == q[:, 0]) & (self._lo[idx] == q[:, 1])
+            idx = np.minimum(at + step, len(hi) - 1)
+            hit = (~found) & (hi[idx] == q[:, 0]) & (lo[idx] == q[:, 1])
             found |= hit
-            fp[hit] = self._fp[idx][hit]
+            fp[hit] = fps[idx][hit]
         want = np.array([_fp64(f) for f in fingerprints], dtype=np.uint64)
         same = (fp == 0) | (want == 0) | (fp == want)
         return found & same, found & ~same
 
+    def to_bytes(self) -> list[bytes]:
+        """The three columns as little-endian uint64 bytes (``results.index``'s layout)."""
+        self._freeze()
+        if self.columns is None:
+            return [b"", b"", b""]
+        return [a.astype("<u8").tobytes() for a in self.columns]
+
     def _freeze(self) -> None:
         if not self._pending:
             return
+        import numpy as np
+
         fresh = np.frombuffer(self._pending, dtype=np.uint64).reshape(-1, 2)
-        hi = np.concatenate([self._hi, fresh[:, 0]])
-        lo = np.concatenate([self._lo, fresh[:, 1]])
-        fp = np.concatenate([self._fp, np.array(self._fps, dtype=np.uint64)])
+        new_fp = np.array(self._fps, dtype=np.uint64)
+        if self.columns is None:
+            hi, lo, fp = fresh[:, 0].copy(), fresh[:, 1].copy(), new_fp
+        else:
+            hi = np.concatenate([self.columns[0], fresh[:, 0]])
+            lo = np.concatenate([self.columns[1], fresh[:, 1]])
+            fp = np.concatenate([self.columns[2], new_fp])
         del fresh
         self._pending = bytearray()
         self._fps = []
@@ -194,7 +218,7 @@ class AnswerIndex:
         last = np.ones(len(hi), dtype=bool)  # keep the latest row of each key
         if len(hi) > 1:
             last[:-1] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-        self._hi, self._lo, self._fp = hi[last], lo[last], fp[last]
+        self.columns = (hi[last], lo[last], fp[last])
 
 
 @dataclass(slots=True)
@@ -499,11 +523,6 @@ class _OldFull:
                 yield piece
 
 
-def _arrays(answers: AnswerIndex) -> list[bytes]:
-    answers._freeze()
-    return [a.astype("<u8").tobytes() for a in (answers._hi, answers._lo, answers._fp)]
-
-
 def _save_index(
     index_path: Path,
     ledger: Path,
@@ -522,11 +541,11 @@ def _save_index(
     size = ledger.stat().st_size
     tail = _tail_digest(ledger, size)
     if old_full is None:
-        body = _arrays(index.answers)
+        body = index.answers.to_bytes()
         full = {
             "covered": open_size,
             "tail": _tail_digest(ledger, open_size),
-            "n": len(index.answers._hi),
+            "n": len(index.answers),
             "rows": index.rows,
             "failed_rows": index.failed_rows,
             "unreadable_lines": index.unreadable_lines,
@@ -542,7 +561,7 @@ def _save_index(
         beyond = AnswerIndex()
         for key, fp in prefix.beyond:
             beyond.add(key, fp)
-        extra = b"".join(_arrays(beyond))
+        extra = b"".join(beyond.to_bytes())
         header["prefix"] = {
             "key": prefix.key,
             "covered": size,
@@ -550,7 +569,7 @@ def _save_index(
             "input": prefix.input,
             "line": prefix.line,
             "requests": prefix.requests,
-            "m": len(beyond._hi),
+            "m": len(beyond),
             "lines": index.lines,
         }
     write_atomic(index_path, itertools.chain([_INDEX_MAGIC, orjson.dumps(header) + b"\n"], parts, [extra]))
@@ -571,11 +590,16 @@ def _valid_cover(part: dict[str, Any], ledger: Path) -> bool:
     return covered <= ledger.stat().st_size and (not covered or _tail_digest(ledger, covered) == part["tail"])
 
 
-def _load_arrays(index_path: Path, offset: int, n: int) -> list[npt.NDArray[np.uint64]] | None:
+def _load_columns(index_path: Path, offset: int, n: int) -> tuple[bool, _Columns | None]:
+    """(whole, the three columns of ``n`` answers at ``offset``; None for none, without numpy)."""
+    if n == 0:
+        return True, None
+    import numpy as np
+
     with open(index_path, "rb") as f:
         f.seek(offset)
-        arrays = [np.frombuffer(f.read(8 * n), dtype="<u8").astype(np.uint64) for _ in range(3)]
-    return arrays if all(len(a) == n for a in arrays) else None
+        hi, lo, fp = (np.frombuffer(f.read(8 * n), dtype="<u8").astype(np.uint64) for _ in range(3))
+    return len(hi) == len(lo) == len(fp) == n, (hi, lo, fp)
 
 
 def _load_index(
@@ -595,20 +619,20 @@ def _load_index(
         full, pre = header["full"], header.get("prefix")
         n = int(full["n"])
         if pre is not None and prefix_key is not None and pre["key"] == prefix_key and _valid_cover(pre, ledger):
-            arrays = _load_arrays(index_path, offset + 24 * n, int(pre["m"]))
-            if arrays is not None:
-                index.answers._hi, index.answers._lo, index.answers._fp = arrays
+            whole, columns = _load_columns(index_path, offset + 24 * n, int(pre["m"]))
+            if whole:
+                index.answers.columns = columns
                 index.prefix = (int(pre["input"]), int(pre["line"]), int(pre["requests"]))
                 index.rows = int(full["rows"])
                 return int(pre["covered"]), int(pre["lines"]), _OldFull(full, index_path, offset, 24 * n)
         if not _valid_cover(full, ledger):
             return 0, 0, None
-        arrays = _load_arrays(index_path, offset, n)
-        if arrays is None:
+        whole, columns = _load_columns(index_path, offset, n)
+        if not whole:
             return 0, 0, None
     except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         return 0, 0, None
-    index.answers._hi, index.answers._lo, index.answers._fp = arrays
+    index.answers.columns = columns
     index.rows = int(full["rows"])
     index.failed_rows = int(full["failed_rows"])
     index.unreadable_lines = int(full["unreadable_lines"])

@@ -19,12 +19,12 @@ float per row of the column at hand) are held.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from .data import (
     ALL,
@@ -100,26 +100,48 @@ def learn_prices(con: duckdb.DuckDBPyConnection, staged: Staged) -> dict[str, fl
 
 
 def _fit(n: int, spp: float, spc: float, scc: float, spy: float, scy: float) -> float | None:
+    """The completion-token price ``b`` of the 2x2 normal equations, or None when ill-conditioned."""
     if n < 2:
         return None
-    gram = np.array([[spp, spc], [spc, scc]], dtype=np.float64)
-    low, high = np.linalg.eigvalsh(gram)  # singular values of the design matrix, squared
-    # Collinear token counts (a fixed prompt/answer ratio) cannot separate the two prices.
+    # Eigenvalues of the symmetric Gram matrix [[spp, spc], [spc, scc]]: the squared singular
+    # values of the design matrix.  Collinear token counts (a fixed prompt/answer ratio) cannot
+    # separate the two prices.
+    mean, radius = (spp + scc) / 2, math.hypot((spp - scc) / 2, spc)
+    high, low = mean + radius, mean - radius
     if not (low > 0 and math.sqrt(high / low) < 1e6):
         return None
-    a, b = np.linalg.solve(gram, np.array([spy, scy]))
-    return float(b) if b > 0 and a >= -1e-9 * b else None
+    det = spp * scc - spc * spc
+    a, b = (scc * spy - spc * scy) / det, (spp * scy - spc * spy) / det  # Cramer's rule
+    return b if b > 0 and a >= -1e-9 * b else None
 
 
 # -- the requests view ------------------------------------------------------------------------------
 
 
-def superseded_rows(con: duckdb.DuckDBPyConnection) -> np.ndarray:
-    """Row numbers (``seq``) of rows a later row of the same (ledger, id, sample) replaced, ascending.
+#: Up to this many rows the superseded ones are found by a DuckDB window (no numpy import);
+#: beyond, by sorting two 64-bit hashes a row with numpy (flat memory at ten million rows).
+SMALL_LEDGER_ROWS = 200_000
 
-    Keys are compared as two independent 64-bit hashes (128 bits, as ``ledger.IdSet`` does): over ten
-    million rows the chance that two keys share both is ~1e-25.  Memory: a few arrays of one integer a row.
+
+def create_superseded(con: duckdb.DuckDBPyConnection, rows: int) -> int:
+    """Table ``superseded(n)``: row numbers (``seq``) of rows a later row of the same (ledger, id,
+    sample) replaced.  Returns how many.
+
+    Big ledgers compare keys as two independent 64-bit hashes (128 bits, as ``ledger.IdSet`` does):
+    over ten million rows the chance that two keys share both is ~1e-25.  Memory: a few arrays of
+    one integer a row.  Small ones use a window in DuckDB, with no numpy or pyarrow import.
     """
+    if rows <= SMALL_LEDGER_ROWS:
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE superseded AS
+                SELECT seq AS n FROM {ROWS_VIEW}
+                QUALIFY row_number() OVER (PARTITION BY ledger, id, sample ORDER BY seq DESC) > 1"""
+        )
+        found = con.execute("SELECT count(*) FROM superseded").fetchone()
+        return int(found[0]) if found else 0
+    import numpy as np
+    import pyarrow as pa
+
     hashes = con.execute(
         f"SELECT hash(ledger, id, sample) AS a, hash(sample, id, ledger, 'batchgate') AS b FROM {ROWS_VIEW}"
     ).fetchnumpy()
@@ -129,13 +151,15 @@ def superseded_rows(con: duckdb.DuckDBPyConnection) -> np.ndarray:
     order = np.lexsort((b, a))  # stable: equal keys keep ledger order, the latest last
     a, b = a[order], b[order]
     replaced = (a[1:] == a[:-1]) & (b[1:] == b[:-1])  # a row followed by one with the same key
-    return np.sort(order[:-1][replaced])
+    old = np.sort(order[:-1][replaced]).astype(np.int64)
+    # From the buffer: pa.array() of a numpy array would import pandas to rule out a Series.
+    seq = pa.Array.from_buffers(pa.int64(), len(old), [None, pa.py_buffer(old)])
+    con.register("superseded", pa.table({"n": seq}))
+    return len(old)
 
 
 def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[str, float]) -> None:
     """Create the views: the staged rows with ``seq`` (ledger order), the estimate, then ``latest``."""
-    import pyarrow as pa
-
     if prices:
         cases = " ".join(f"WHEN {sql_text(m)} THEN CAST({p!r} AS DOUBLE)" for m, p in sorted(prices.items()))
         estimate = (
@@ -164,12 +188,9 @@ def open_requests(con: duckdb.DuckDBPyConnection, staged: Staged, prices: dict[s
         f"""CREATE OR REPLACE TEMP VIEW {ROWS_VIEW} AS
             SELECT *, CAST({estimate} AS DOUBLE) AS unconfirmed_estimate_usd FROM ({source})"""
     )
-    old = superseded_rows(con)
-    if len(old):  # from the buffer: pa.array() of a numpy array would import pandas to rule out a Series
-        seq = pa.Array.from_buffers(pa.int64(), len(old), [None, pa.py_buffer(old.astype(np.int64))])
-        con.register("superseded", pa.table({"n": seq}))
-    latest = "s.n IS NULL" if len(old) else "true"
-    join = "LEFT JOIN superseded s ON r.seq = s.n" if len(old) else ""
+    replaced = create_superseded(con, sum(p.rows for p in staged.parts))
+    latest = "s.n IS NULL" if replaced else "true"
+    join = "LEFT JOIN superseded s ON r.seq = s.n" if replaced else ""
     view = f"SELECT r.*, {latest} AS latest FROM {ROWS_VIEW} r {join}"
     con.execute(f"CREATE OR REPLACE TEMP VIEW {REQUESTS_VIEW} AS {view}")
 
@@ -182,15 +203,19 @@ def write_requests(con: duckdb.DuckDBPyConnection, out: Path) -> None:
     does) add a null row keeps them unproven.  Should a DuckDB still write a required field, the file
     is written again through pyarrow with the fixed schema.
     """
+    nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in REQUEST_COLUMNS.items())
+    query = f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ROWS_VIEW} UNION ALL SELECT {nulls} WHERE random() > 2"
+    con.execute(f"COPY ({query}) TO {sql_text(str(out))} (FORMAT parquet, COMPRESSION snappy, ROW_GROUP_SIZE 50000)")
+    required = con.execute(
+        f"""SELECT count(*) FROM parquet_schema({sql_text(str(out))})
+            WHERE repetition_type = 'REQUIRED' AND coalesce(num_children, 0) = 0"""
+    ).fetchone()  # leaf columns, read by DuckDB: pyarrow (and numpy under it) only when a rewrite is due
+    if required is not None and required[0] == 0:
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = request_schema()
-    nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in REQUEST_COLUMNS.items())
-    query = f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ROWS_VIEW} UNION ALL SELECT {nulls} WHERE random() > 2"
-    con.execute(f"COPY ({query}) TO {sql_text(str(out))} (FORMAT parquet, COMPRESSION snappy, ROW_GROUP_SIZE 50000)")
-    if pq.read_schema(out).equals(schema, check_metadata=False):
-        return
     reader = con.sql(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {ROWS_VIEW}").to_arrow_reader(50_000)
     with pq.ParquetWriter(str(out), schema, compression="snappy") as writer:
         for batch in reader:
@@ -486,15 +511,14 @@ def _spend(con: duckdb.DuckDBPyConnection, src: str, data: ReportData) -> None:
                        fsum(coalesce(unconfirmed_cost_usd, 0) + coalesce(unconfirmed_estimate_usd, 0))
                 FROM {src} WHERE coalesce(finished_at, started_at) IS NOT NULL GROUP BY b"""
         ).fetchall()
-        confirmed, unconfirmed = np.zeros(_SPEND_BINS), np.zeros(_SPEND_BINS)
+        confirmed, unconfirmed = [0.0] * _SPEND_BINS, [0.0] * _SPEND_BINS
         for b, c, u in bins:
             confirmed[int(b)], unconfirmed[int(b)] = c, u
-        edges = np.linspace(lo, lo + width, _SPEND_BINS + 1)
         data.spend_single = RunCurve(
             label=str(runs[0][1]),
-            edges=edges.tolist(),
-            spent=np.concatenate([[0.0], np.cumsum(confirmed)]).tolist(),
-            unconfirmed=np.concatenate([[0.0], np.cumsum(unconfirmed)]).tolist() if unconfirmed.any() else None,
+            edges=_edges(lo, width),
+            spent=_running(confirmed),
+            unconfirmed=_running(unconfirmed) if any(unconfirmed) else None,
         )
         return
     for ledger, run_id, lo, hi, _ in runs[:8]:
@@ -506,14 +530,25 @@ def _spend(con: duckdb.DuckDBPyConnection, src: str, data: ReportData) -> None:
                 FROM {src} WHERE ledger = {sql_text(ledger)} AND {run_filter}
                   AND coalesce(finished_at, started_at) IS NOT NULL GROUP BY b"""
         ).fetchall()
-        spent = np.zeros(_SPEND_BINS)
+        spent = [0.0] * _SPEND_BINS
         for b, c in bins:
             spent[int(b)] = c
-        when = str(np.datetime64(int(lo), "us").astype("datetime64[m]")).replace("T", " ")
+        when = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(lo))).strftime("%Y-%m-%d %H:%M")
         data.spend_runs.append(
             RunCurve(
                 label=f"{NONE if run_id is None else run_id} · {when}",
-                edges=(np.linspace(0, width, _SPEND_BINS + 1) / 1e6).tolist(),
-                spent=np.concatenate([[0.0], np.cumsum(spent)]).tolist(),
+                edges=[e / 1e6 for e in _edges(0, width)],
+                spent=_running(spent),
             )
         )
+
+
+def _edges(lo: float, width: float) -> list[float]:
+    """``_SPEND_BINS + 1`` evenly spaced edges from ``lo`` to ``lo + width`` (numpy.linspace's)."""
+    step = width / _SPEND_BINS
+    return [lo + i * step for i in range(_SPEND_BINS)] + [lo + width]
+
+
+def _running(values: list[float]) -> list[float]:
+    """0, then the running sum: spend accumulated up to each edge."""
+    return [0.0, *itertools.accumulate(values)]

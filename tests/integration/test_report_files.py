@@ -428,3 +428,26 @@ def test_a_report_imports_neither_pandas_nor_matplotlib(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert pq.read_schema(tmp_path / "run" / "summary.parquet").field("requests").nullable
+
+
+def test_a_first_run_and_its_report_never_import_numpy(tmp_path: Path) -> None:
+    """numpy (~0.07 s) is for big resume indexes and ledgers; a first run over a small file needs none."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q {i}"}) + "\n" for i in range(20)))
+    args = ["run", str(prompts), "--simulate", "--model", "sim-model", "-q", "--out", str(tmp_path / "o")]
+    script = (
+        "import sys\n"
+        "from batchgate.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('numpy', 'pandas', 'matplotlib') if m in sys.modules))\n"
+    )
+    env = dict(os.environ, GONKAGATE_API_KEY="gp-test", BATCHGATE_KEY_LIMITS="off")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert (tmp_path / "o" / "report.html").exists() and (tmp_path / "o" / "results.index").exists()
+    ledger = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    assert len(ledger) == 20

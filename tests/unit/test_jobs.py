@@ -631,3 +631,17 @@ def test_meta_is_the_users_own_and_never_sent(tmp_path: Path) -> None:
     path.write_text('{"id": "a", "prompt": "hi", "meta": {"category": "geo", "source": 7}}\n')
     (record,) = list(iter_records([path], default_model="m"))
     assert "meta" not in record.body and record.body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+@given(st.lists(st.integers(0, 50), max_size=200))
+def test_duplicate_digests_are_the_same_by_set_and_by_numpy(values: list[int]) -> None:
+    """Small inputs find duplicates in a Python set (no numpy import), big ones by sorting: one answer."""
+    hashes = array("Q", values)
+    by_set = jobs._duplicated_digests(array("Q", hashes))
+    small, jobs._SMALL = jobs._SMALL, 0
+    try:
+        by_numpy = jobs._duplicated_digests(array("Q", hashes))
+    finally:
+        jobs._SMALL = small
+    want = {array("Q", [v]).tobytes() for v in set(values) if values.count(v) > 1}
+    assert by_set == by_numpy == want

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from batchgate import reports
@@ -661,3 +661,49 @@ def test_names_from_the_ledger_cannot_inject_markup_or_mathtext(tmp_path: Path) 
     assert r"m$\nope$" in page  # shown literally in the table and the estimate note
     chart = page[page.index('id="chart-cost-by-model"') :].split("</figure>")[0]
     assert r"<title>m$\nope$: " in chart  # and in the chart's tooltip
+
+
+def test_superseded_rows_are_the_same_by_window_and_by_hashes(
+    fleet: dict[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small ledgers find superseded rows with a DuckDB window, big ones with numpy: one answer."""
+    from batchgate.reports import summary
+
+    run = tmp_path / "resumed"
+    rows = [make_row(f"p{i % 7}", run_id=f"r{i // 7}", prompt=i + 1, completion=i + 2) for i in range(30)]
+    write_ledger(run, rows)
+    got = {}
+    for limit in (summary.SMALL_LEDGER_ROWS, 0):
+        monkeypatch.setattr(summary, "SMALL_LEDGER_ROWS", limit)
+        latest = load_ledger([run / "results.jsonl"])["latest"].tolist()
+        build_reports([tmp_path / "runs", run], tmp_path / f"out-{limit}", formats=("csv",))
+        got[limit] = (latest, (tmp_path / f"out-{limit}" / "summary.csv").read_bytes())
+    (small_latest, small_csv), (big_latest, big_csv) = got.values()
+    assert small_latest == big_latest and sum(small_latest) == 7  # the last row of each of p0..p6
+    assert small_latest == [i >= 30 - 7 for i in range(30)]
+    assert small_csv == big_csv
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 10_000), st.integers(1, 10_000)), min_size=3, max_size=30),
+    st.floats(1e-7, 1e-5),
+    st.floats(1e-7, 1e-4),
+)
+def test_price_fit_matches_numpy_least_squares(tokens: list[tuple[int, int]], a: float, b: float) -> None:
+    """The 2x2 normal equations solved by hand give numpy's least squares, and refuse collinear counts."""
+    import numpy as np
+
+    from batchgate.reports.summary import _fit
+
+    p = np.array([t[0] for t in tokens], dtype=float)
+    c = np.array([t[1] for t in tokens], dtype=float)
+    y = a * p + b * c
+    got = _fit(len(tokens), p @ p, p @ c, c @ c, p @ y, c @ y)
+    design = np.stack([p, c], axis=1)
+    singular = np.linalg.svd(design, compute_uv=False)
+    assume(singular[-1] == 0 or not 1e5 < singular[0] / singular[-1] < 1e7)  # no rounding at the threshold
+    if singular[-1] == 0 or singular[0] / singular[-1] >= 1e6:
+        assert got is None  # collinear counts cannot separate the prices
+    else:
+        (_, want), *_ = np.linalg.lstsq(design, y, rcond=None)
+        assert got == pytest.approx(want, rel=1e-6)
