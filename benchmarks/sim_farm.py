@@ -5,7 +5,8 @@ Each process builds the app with ``batchgate.simulator.create_app`` and serves i
 (``access_log=None``, ``handler_cancellation=True``).  The first process binds a free port; the
 others bind the same one, and the kernel spreads new connections over them.  Per-key limits are
 off (``SimulatorConfig.key_limits`` is false by default).  On exit every process gets SIGTERM and
-is reaped with ``wait4``, so the farm reports the CPU its processes used.
+is reaped with ``wait4``, so the farm reports the CPU its processes used (``cpu_s``, start-up
+included) and what each said it used while serving (``serve_cpu_s``).
 
 With ``record_first_post`` each process prints the ``time.monotonic()`` of the first POST it
 receives (CLOCK_MONOTONIC is system-wide, so a parent can compare it with its own clock).
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -49,6 +51,7 @@ class Farm:
     cpu_s: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
     first_posts: list[float] = field(default_factory=list)
+    serve_cpu_s: list[float] = field(default_factory=list)  # CPU after start-up (imports, bind) only
 
     def first_post(self) -> float | None:
         """The earliest first-POST time any process has reported so far (reads what they printed)."""
@@ -122,9 +125,15 @@ def simulator_farm(
             farm.first_post()  # collect what was printed before the pipes close
         for proc in procs:
             cpu, peak = _stop(proc)
+            rest = proc.stdout.read() if proc.stdout is not None else ""
             if farm is not None:
                 farm.cpu_s.append(cpu)
                 farm.peak_mb.append(peak)
+                for line in rest.splitlines():
+                    if line.startswith("serve-cpu "):
+                        farm.serve_cpu_s.append(float(line.split()[1]))
+                    elif line.startswith("first-post "):
+                        farm.first_posts.append(float(line.split()[1]))
             if proc.stdout is not None:
                 proc.stdout.close()
 
@@ -165,7 +174,11 @@ async def _serve(args: argparse.Namespace) -> None:
         site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=4096, reuse_port=True)
         await site.start()
         print(f"listening on {runner.addresses[0][1]}", flush=True)
+        ready = resource.getrusage(resource.RUSAGE_SELF)
         await stop.wait()
+        done = resource.getrusage(resource.RUSAGE_SELF)
+        serving = done.ru_utime - ready.ru_utime + done.ru_stime - ready.ru_stime
+        print(f"serve-cpu {serving!r}", flush=True)
     finally:
         await runner.cleanup()
 
