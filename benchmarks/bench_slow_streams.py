@@ -28,7 +28,7 @@ this interpreter) can import uvloop; otherwise the benchmark says it is absent.
 
     python benchmarks/bench_slow_streams.py [--prompts 6000] [--concurrency 2000] [--tokens 20]
         [--token-delay 0.2] [--sim-processes 2] [--repeat 2] [--uvloop {auto,on,off}]
-        [--uvloop-python PYTHON]
+        [--uvloop-python PYTHON] [--profile PATH_TO_PY_SPY]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_cpu import API_KEY, MODEL, repo_env, run_measured
+from bench_cpu import API_KEY, MODEL, _pyspy_top, repo_env, run_measured
 from sim_farm import simulator_farm
 
 _HERE = Path(__file__).resolve()
@@ -65,7 +65,7 @@ def write_prompts(path: Path, n: int) -> None:
 # -- the workers ---------------------------------------------------------------------------------
 
 
-async def _baseline(url: str, prompts: Path, out: Path, concurrency: int) -> tuple[int, list[float]]:
+async def _baseline(url: str, prompts: Path, out: Path, concurrency: int) -> tuple[int, list[float], list[float]]:
     """aiohttp, stdlib json, a semaphore, one results file; each stream's own duration."""
     import aiohttp
 
@@ -75,6 +75,7 @@ async def _baseline(url: str, prompts: Path, out: Path, concurrency: int) -> tup
     endpoint = url + "/chat/completions"
     ok = 0
     durations: list[float] = []
+    ttfts: list[float] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with (out / "results.jsonl").open("w") as results:
@@ -89,7 +90,7 @@ async def _baseline(url: str, prompts: Path, out: Path, concurrency: int) -> tup
                     "stream_options": {"include_usage": True},
                 }
                 parts: list[str] = []
-                usage = finish = None
+                usage = finish = first = None
                 async with sem:
                     t0 = time.monotonic()
                     async with session.post(endpoint, json=body) as resp:
@@ -105,20 +106,23 @@ async def _baseline(url: str, prompts: Path, out: Path, concurrency: int) -> tup
                                 text = choice["delta"].get("content")
                                 if text:
                                     parts.append(text)
+                                    if first is None:
+                                        first = time.monotonic() - t0
                                 if choice.get("finish_reason"):
                                     finish = choice["finish_reason"]
                             if chunk.get("usage"):
                                 usage = chunk["usage"]
                     durations.append(time.monotonic() - t0)
+                    ttfts.append(first if first is not None else math.nan)
                 row = {"id": p["id"], "content": "".join(parts), "finish_reason": finish, "usage": usage}
                 results.write(json.dumps(row) + "\n")
                 ok += usage is not None
 
             await asyncio.gather(*(one(p) for p in lines))
-    return ok, durations
+    return ok, durations, ttfts
 
 
-def _batchgate(url: str, prompts: Path, out: Path, concurrency: int) -> tuple[int, list[float]]:
+def _batchgate(url: str, prompts: Path, out: Path, concurrency: int) -> tuple[int, list[float], list[float]]:
     """The real CLI in this process; ok count from its JSON summary, stream durations from its ledger."""
     import contextlib
     import io
@@ -135,12 +139,14 @@ def _batchgate(url: str, prompts: Path, out: Path, concurrency: int) -> tuple[in
             if exc.code not in (0, None):
                 raise RuntimeError(f"batchgate run exited {exc.code}") from None
     summary = json.loads([line for line in buf.getvalue().splitlines() if line.startswith("{")][-1])
-    return summary["ok"], []
+    return summary["ok"], [], []
 
 
-def _ledger_durations(out: Path) -> list[float]:
+def _ledger_durations(out: Path) -> tuple[list[float], list[float]]:
+    """Each row's latency_s and ttft_s."""
     with (out / "bg" / "results.jsonl").open("rb") as f:
-        return [json.loads(line)["latency_s"] for line in f]
+        rows = [json.loads(line) for line in f]
+    return [r["latency_s"] for r in rows], [r["ttft_s"] for r in rows]
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -161,31 +167,42 @@ def _worker(args: argparse.Namespace) -> None:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if args.worker == "baseline":
-        ok, durations = asyncio.run(_baseline(url, prompts, out, args.concurrency))
+        ok, durations, ttfts = asyncio.run(_baseline(url, prompts, out, args.concurrency))
     else:
-        ok, durations = _batchgate(url, prompts, out, args.concurrency)
+        ok, durations, ttfts = _batchgate(url, prompts, out, args.concurrency)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     if args.worker == "batchgate":
-        durations = _ledger_durations(out)
+        durations, ttfts = _ledger_durations(out)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(json.dumps({"ok": ok, "cpu_s": cpu, "wall_s": wall, "stream_median_s": statistics.median(durations)}))
+    durations.sort()
+    report = {"ok": ok, "cpu_s": cpu, "wall_s": wall, "stream_median_s": statistics.median(durations)}
+    report |= {"stream_p99_s": durations[int(len(durations) * 0.99)], "stream_max_s": durations[-1]}
+    ttfts.sort()
+    report |= {"ttft_median_s": statistics.median(ttfts), "ttft_p99_s": ttfts[int(len(ttfts) * 0.99)]}
+    print(json.dumps(report))
 
 
 # -- the parent ----------------------------------------------------------------------------------
 
 
 def _run(
-    variant: str, loop: str, python: str, prompts: Path, workdir: Path, args: argparse.Namespace
+    variant: str,
+    loop: str,
+    python: str,
+    prompts: Path,
+    workdir: Path,
+    args: argparse.Namespace,
+    wrapper: list[str] | None = None,
 ) -> dict[str, Any]:
-    """One worker subprocess against a fresh farm; its report plus the process's wait4 figures."""
+    """One worker subprocess (``wrapper`` runs it, e.g. py-spy) against a fresh farm; its report and wait4 figures."""
     out = Path(tempfile.mkdtemp(prefix=f"{variant}-{loop}-", dir=workdir))
     cmd = [python, str(_HERE), "--worker", variant, "--loop", loop, "--prompts-file", str(prompts)]
     cmd += ["--out", str(out), "--concurrency", str(args.concurrency)]
     try:
         with simulator_farm(args.sim_processes, args.tokens, token_delay_s=args.token_delay) as farm:
             env = repo_env() | {"GONKAGATE_API_KEY": API_KEY}
-            code, stdout, stderr, wall, usage = run_measured([*cmd, "--url", farm.url], env)
+            code, stdout, stderr, wall, usage = run_measured([*(wrapper or []), *cmd, "--url", farm.url], env)
         if code != 0:
             raise RuntimeError(f"{variant}/{loop} worker failed ({code}):\n{stderr[-3000:]}")
         res = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
@@ -268,6 +285,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--uvloop", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--uvloop-python", default=sys.executable, help="an interpreter that can import uvloop")
+    parser.add_argument("--profile", metavar="PY_SPY", help="then py-spy one more batchgate run (path to py-spy)")
     parser.add_argument("--worker", choices=("baseline", "batchgate"), help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -299,6 +317,9 @@ def main() -> None:
                 results[(variant, loop)].append(r)
                 print(
                     f"  round {i + 1}: {variant:<9} {loop:<7} wall {r['wall_s']:.2f} s, CPU {r['cpu_s']:.2f} s, "
+                    f"streams median {r['stream_median_s']:.2f} p99 {r['stream_p99_s']:.2f} "
+                    f"max {r['stream_max_s']:.2f} s, "
+                    f"TTFT median {r['ttft_median_s']:.3f} p99 {r['ttft_p99_s']:.3f} s, "
                     f"sim {r['sim_cores']:.2f} cores",
                     flush=True,
                 )
@@ -307,6 +328,12 @@ def main() -> None:
         ideal = math.ceil(args.prompts / args.concurrency) * answer_s
         eff = ideal / statistics.median(r["wall_s"] for r in results[("batchgate", "asyncio")])
         print(f"\nbatchgate pace efficiency {eff:.3f}: target >= {TARGET} {'met' if eff >= TARGET else 'MISSED'}")
+        if args.profile:
+            raw = tmp / "pyspy.txt"
+            wrapper = [args.profile, "record", "-r", "250", "-f", "raw", "-o", str(raw), "--"]
+            _run("batchgate", "asyncio", sys.executable, prompts, tmp, args, wrapper)
+            print(f"\nbatchgate under py-spy (250 Hz), {args.prompts} streams: top 15 leaf frames inside asyncio.run")
+            print(_pyspy_top(raw))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load = os.getloadavg()
