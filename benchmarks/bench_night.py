@@ -28,21 +28,26 @@ The client and the simulators share this machine's CPUs, so the rate is the whol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_cpu import MODEL, repo_env, run_measured
+from bench_cpu import MODEL, repo_env
 from sim_farm import Farm, simulator_farm
 
 NIGHT = 10_000_000
 RUN_RSS_TARGET_MB = 150
 REPORT_RSS_TARGET_MB = 300
+_RSS_AT = (0.1, 0.25, 0.5, 0.75, 1.0)
 _FIRST_RATE_GUESS = 4000.0  # req/s assumed for the budget before anything was measured
 
 
@@ -78,10 +83,31 @@ def run_cmd(prompts: Path, out: Path, url: str, concurrency: int) -> list[str]:
 
 
 def measured(cmd: list[str], what: str, *, ok_codes: tuple[int, ...] = (0,)) -> dict[str, Any]:
-    """Run ``cmd`` with the benchmark's key; wall, CPU, peak RSS and the JSON summary if it printed one."""
+    """Run ``cmd`` with the benchmark's key; wall, CPU, peak RSS, RSS sampled over time, its JSON summary."""
     env = repo_env() | {"GONKAGATE_API_KEY": "gp-bench"}
-    t0 = time.monotonic()
-    code, stdout, stderr, wall, usage = run_measured(cmd, env)
+    samples: list[tuple[float, float]] = []  # (seconds since start, RSS MB) every 0.5 s
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        stop = threading.Event()
+
+        def sample() -> None:
+            status = Path(f"/proc/{proc.pid}/status")
+            while not stop.wait(0.5):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+                    samples.append((time.monotonic() - t0, int(line.split()[1]) / 1024))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+        stop.set()
+        sampler.join()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if code not in ok_codes:
         raise RuntimeError(f"{what} exited {code}:\n{stderr[-3000:]}")
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
@@ -90,8 +116,15 @@ def measured(cmd: list[str], what: str, *, ok_codes: tuple[int, ...] = (0,)) -> 
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "peak_mb": usage.ru_maxrss / 1024,
+        "rss_samples": samples,
         "summary": json.loads(lines[-1]) if lines else None,
     }
+
+
+def _rss_at(samples: list[tuple[float, float]], wall: float, share: float) -> float:
+    """The last RSS sample taken before ``share`` of the wall (nan when there is none)."""
+    before = [mb for t, mb in samples if t <= share * wall]
+    return before[-1] if before else math.nan
 
 
 def one_size(n: int, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -230,6 +263,11 @@ def main() -> None:
         cpu_ratio = (big["run"]["cpu_s"] / big["n"]) / (first["run"]["cpu_s"] / first["n"])
         print(f"\npeak RSS of run, {big['n']:,} / {first['n']:,} prompts: {rss_ratio:.2f}x (target <= 1.10)")
         print(f"CPU per request, {big['n']:,} / {first['n']:,} prompts: {cpu_ratio:.2f}x")
+        for r in results:
+            run = r["run"]
+            trace = ", ".join(f"{_rss_at(run['rss_samples'], run['wall_s'], q):.0f}" for q in _RSS_AT)
+            peak = run["peak_mb"]
+            print(f"run RSS at 10/25/50/75/100% of its wall, {r['n']:,} prompts: {trace} MB (peak {peak:.0f})")
         sim_mb = ", ".join(f"{r['sim_peak_mb']:.0f} MB at {r['n']:,}" for r in results)
         print(f"simulator peak RSS, largest process: {sim_mb} (its Billing keeps a record per request)")
         rep_ratio = big["report"]["peak_mb"] / first["report"]["peak_mb"]
