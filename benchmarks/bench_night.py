@@ -4,7 +4,8 @@ For each size (``--sizes``, capped by ``--budget-s``) the benchmark writes that 
 and runs the real CLI, ``batchgate run --no-report --quiet --no-key-limits -c 256``, as a
 subprocess against ``--sim-processes`` simulators sharing one port (``SO_REUSEPORT``, see
 ``sim_farm.py``) that answer every prompt with one token.  ``wait4`` gives each process's CPU
-(user + sys) and peak RSS.  Then, over the ledger that run left:
+(user + sys) and peak RSS; the run's RSS is also sampled from ``/proc`` every 0.5 s, so growth
+shows over time and not only as a peak.  Then, over the ledger that run left:
 
 * **report**: ``batchgate report OUT`` (every format): wall, CPU, peak RSS;
 * **resume, all done**: the same command again; it must exit 0 having sent no POST (the
@@ -200,12 +201,18 @@ def _table(results: list[dict[str, Any]], new: int) -> str:
     if n == NIGHT:
         rows.append(f"{'10,000,000':>11} measured above")
     else:
+        if len(results) > 1:
+            rest = (
+                f"report ~{_at_night(results, 'report', 'wall_s'):.0f} s, resume done "
+                f"~{_at_night(results, 'resume_done', 'wall_s'):.1f} s, first new POST "
+                f"~{_at_night(results, 'resume_new', 'first_post_s'):.0f} s (linear through the two largest sizes)"
+            )
+        else:
+            rest = "report and resume: run two sizes to extrapolate them"
         rows.append(
             f"{'10,000,000':>11} {run['wall_s'] * NIGHT / n:>8.0f} {n / run['wall_s']:>7,.0f} "
             f"{run['cpu_s'] / n * 1e6:>10.0f}  EXTRAPOLATED from {n:,} at the rate measured there (RSS, measured "
-            f"flat, not scaled); report ~{_at_night(results, 'report', 'wall_s'):.0f} s, resume done "
-            f"~{_at_night(results, 'resume_done', 'wall_s'):.1f} s, first new POST "
-            f"~{_at_night(results, 'resume_new', 'first_post_s'):.0f} s (linear through the two largest sizes)"
+            f"flat, not scaled); {rest}"
         )
     rows.append("CPU and RSS are the client's whole process (wait4), interpreter start and imports included;")
     rows.append("sim CPU/wall is all simulator processes together, in cores.")
@@ -213,9 +220,8 @@ def _table(results: list[dict[str, Any]], new: int) -> str:
 
 
 def _at_night(results: list[dict[str, Any]], what: str, key: str) -> float:
-    """``results[*][what][key]`` at 10M prompts: the line through the two largest sizes (or through 0)."""
-    big = results[-1]
-    small = results[-2] if len(results) > 1 else {"n": 0, what: {key: 0.0}}
+    """``results[*][what][key]`` at 10M prompts: the line through the two largest sizes."""
+    big, small = results[-1], results[-2]
     slope = (big[what][key] - small[what][key]) / (big["n"] - small["n"])
     return big[what][key] + max(slope, 0.0) * (NIGHT - big["n"])
 
