@@ -261,11 +261,13 @@ class Ledger:
         self._old_full: _OldFull | None = None
         self.spilled_to: Path | None = None
 
-    def open(self, prefix_key: str | None = None) -> ResumeIndex:
+    def open(self, prefix_key: str | None = None, appended: tuple[str, int] | None = None) -> ResumeIndex:
         """Repair a torn tail, fold in spilled rows, index the existing rows, open for appending.
 
         ``prefix_key``: the identity of this run's inputs and settings; when the done prefix the
         last run stored has the same, only the answers beyond it are loaded (``index.prefix``).
+        ``appended``: (the key before lines were appended to the inputs, the first input that
+        grew): a prefix stored under that key holds too when it stops at or before that input.
         """
         _ensure_dir(self.out_dir)
         index = ResumeIndex()
@@ -276,7 +278,7 @@ class Ledger:
             raise LedgerError(f"{self.path}: cannot open for writing ({exc.strerror})") from None
         index.torn_bytes = self._repair_tail()
         index.spilled_rows = self._fold_spills()
-        start, lines, self._old_full = _load_index(self.out_dir / INDEX_NAME, self.path, index, prefix_key)
+        start, lines, self._old_full = _load_index(self.out_dir / INDEX_NAME, self.path, index, prefix_key, appended)
         index.from_cache = start > 0
         _index_rows(self.path, index, start, lines)
         self._index = index
@@ -602,8 +604,18 @@ def _load_columns(index_path: Path, offset: int, n: int) -> tuple[bool, _Columns
     return len(hi) == len(lo) == len(fp) == n, (hi, lo, fp)
 
 
+def _prefix_holds(pre: dict[str, Any], prefix_key: str | None, appended: tuple[str, int] | None) -> bool:
+    if prefix_key is not None and pre["key"] == prefix_key:
+        return True
+    return appended is not None and pre["key"] == appended[0] and int(pre["input"]) <= appended[1]
+
+
 def _load_index(
-    index_path: Path, ledger: Path, index: ResumeIndex, prefix_key: str | None
+    index_path: Path,
+    ledger: Path,
+    index: ResumeIndex,
+    prefix_key: str | None,
+    appended: tuple[str, int] | None = None,
 ) -> tuple[int, int, _OldFull | None]:
     """(offset to read the ledger on from, lines before it, the full part kept when starting from the prefix).
 
@@ -618,7 +630,7 @@ def _load_index(
         header, offset = found
         full, pre = header["full"], header.get("prefix")
         n = int(full["n"])
-        if pre is not None and prefix_key is not None and pre["key"] == prefix_key and _valid_cover(pre, ledger):
+        if pre is not None and _prefix_holds(pre, prefix_key, appended) and _valid_cover(pre, ledger):
             whole, columns = _load_columns(index_path, offset + 24 * n, int(pre["m"]))
             if whole:
                 index.answers.columns = columns

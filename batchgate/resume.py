@@ -12,6 +12,12 @@ modification time of every input and template file) and of everything that shape
 
 A pipe or standard input has no identity: nothing is skipped for it.  Edit an input, or change
 a setting that changes the requests, and both shortcuts are off for that run.
+
+**Appended inputs** keep the done prefix: ``inputs.json`` also holds each input's size, time and
+a digest of its bytes, so an input that only grew (same file, its old bytes intact and ending a
+line) is known for the old file plus new lines.  The prefix saved under the old key then still
+holds, as long as it stops at or before the first input that grew (new lines are read, never
+skipped).  Validation runs again (new lines need checking, and ids must stay unique).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import hashlib
 import heapq
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,16 @@ import orjson
 
 from .models import BATCHGATE_VERSION
 
-__all__ = ["VALIDATED_NAME", "Watermark", "inputs_key", "load_validation", "save_validation"]
+__all__ = [
+    "VALIDATED_NAME",
+    "Appended",
+    "Watermark",
+    "appended_inputs",
+    "file_states",
+    "inputs_key",
+    "load_validation",
+    "save_validation",
+]
 
 VALIDATED_NAME = "inputs.json"
 
@@ -53,6 +69,10 @@ def inputs_key(paths: list[Path], settings: dict[str, Any]) -> str | None:
         if ident is None:
             return None
         ids.append(ident)
+    return _key_of(ids, settings)
+
+
+def _key_of(ids: list[Any], settings: dict[str, Any]) -> str | None:
     shaped = dict(settings)
     for name in ("template", "system_template"):
         value = shaped.get(name)
@@ -65,9 +85,91 @@ def inputs_key(paths: list[Path], settings: dict[str, Any]) -> str | None:
     return hashlib.blake2b(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS, default=str), digest_size=16).hexdigest()
 
 
-def load_validation(out_dir: Path, key: str | None) -> dict[str, Any] | None:
-    """The validation result a run stored for these very inputs, or None."""
-    if key is None:
+_READ = 1 << 20
+
+
+def _digest(path: Path, size: int) -> tuple[Any, bool]:
+    """(blake2b state over the first ``size`` bytes, whether they are all there and end a line)."""
+    h = hashlib.blake2b(digest_size=16)
+    done, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while done < size:
+            piece = f.read(min(_READ, size - done))
+            if not piece:
+                break
+            h.update(piece)
+            last = piece[-1:]
+            done += len(piece)
+    return h, done == size and last == b"\n"
+
+
+def file_states(paths: list[Path]) -> list[dict[str, Any]] | None:
+    """Each input's identity, size, time and digest (read once, for a first run or a changed input)."""
+    states = []
+    for p in paths:
+        ident = None if str(p) == "-" else _identity(p)
+        if ident is None:
+            return None
+        try:
+            h, _ = _digest(p, ident[3])
+        except OSError:
+            return None
+        states.append({"ident": ident, "digest": h.hexdigest()})
+    return states
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The inputs grew since the last run: its prefix (saved under ``old_key``) holds up to ``first_grown``."""
+
+    old_key: str
+    first_grown: int  # index of the first input with new lines
+    states: list[dict[str, Any]]  # what the inputs are now, for this run's inputs.json
+
+
+def appended_inputs(out_dir: Path, paths: list[Path], settings: dict[str, Any]) -> Appended | None:
+    """Whether every input is the one the last run validated, some with lines appended, nothing else changed.
+
+    Costs one read of each input that grew (its old bytes are hashed to check them, then the new
+    ones to store the new digest); None at once when anything else changed.
+    """
+    doc = load_validation(out_dir, None, any_key=True)
+    if doc is None or not isinstance(doc.get("files"), list) or len(doc["files"]) != len(paths):
+        return None
+    old_ids: list[Any] = []
+    states: list[dict[str, Any]] = []
+    first_grown: int | None = None
+    try:
+        for i, (p, old) in enumerate(zip(paths, doc["files"], strict=True)):
+            ident = None if str(p) == "-" else _identity(p)
+            before = old.get("ident") if isinstance(old, dict) else None
+            if ident is None or not isinstance(before, list) or len(before) != 5 or ident[:3] != before[:3]:
+                return None
+            old_ids.append(before)
+            if ident[3:] == before[3:]:
+                states.append(old)
+                continue
+            if ident[3] <= before[3]:
+                return None  # same size or shorter, another time: rewritten
+            h, whole = _digest(p, int(before[3]))
+            if not whole or h.hexdigest() != old.get("digest"):
+                return None  # the old bytes changed, or did not end a line
+            with open(p, "rb") as f:
+                f.seek(int(before[3]))
+                while piece := f.read(_READ):
+                    h.update(piece)
+            states.append({"ident": ident, "digest": h.hexdigest()})
+            first_grown = i if first_grown is None else first_grown
+    except (OSError, ValueError, TypeError):
+        return None
+    if first_grown is None or _key_of(old_ids, settings) != doc.get("key"):
+        return None  # nothing grew (another change), or the settings changed
+    return Appended(str(doc["key"]), first_grown, states)
+
+
+def load_validation(out_dir: Path, key: str | None, *, any_key: bool = False) -> dict[str, Any] | None:
+    """The validation result a run stored for these very inputs (``any_key``: whatever they were), or None."""
+    if key is None and not any_key:
         return None
     path = out_dir / VALIDATED_NAME
     try:
@@ -76,18 +178,27 @@ def load_validation(out_dir: Path, key: str | None) -> dict[str, Any] | None:
         doc = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return None
-    if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("records"), int):
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), int):
         return None
-    return doc
+    return doc if any_key or doc.get("key") == key else None
 
 
 def save_validation(
-    out_dir: Path, key: str | None, records: int, warnings: str, models: dict[str, Any], write: Any
+    out_dir: Path,
+    key: str | None,
+    records: int,
+    warnings: str,
+    models: dict[str, Any],
+    write: Any,
+    files: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Remember that these inputs validated (``write`` is ``ledger.write_atomic``)."""
+    """Remember that these inputs validated (``write`` is ``ledger.write_atomic``); ``files``: their
+    states (:func:`file_states`), so that the next run can tell lines appended from an edit."""
     if key is None:
         return
-    doc = {"key": key, "records": records, "warnings": warnings, "models": models}
+    doc: dict[str, Any] = {"key": key, "records": records, "warnings": warnings, "models": models}
+    if files is not None:
+        doc["files"] = files
     with contextlib.suppress(OSError):  # a convenience: the next run validates again
         write(out_dir / VALIDATED_NAME, orjson.dumps(doc))
 

@@ -181,6 +181,11 @@ class Runner:
         cfg = self.config
         key = self._inputs_key = resume.inputs_key(self.inputs, self._shaping()) if self.records is None else None
         validated = resume.load_validation(cfg.out_dir, key)
+        appended = (
+            None
+            if validated is not None or key is None
+            else resume.appended_inputs(cfg.out_dir, self.inputs, self._shaping())
+        )
         if self.records is not None:
             self.total = len(self.records) * cfg.samples
             for r in self.records:
@@ -208,10 +213,12 @@ class Runner:
         results: list[Any] = []
         clean = False
         try:
-            if validated is None:
+            if validated is None or "files" not in validated:  # (an older batchgate stored none)
                 notes = "\n".join(self.notices)
-                resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic)
-            index = self._ledger.open(prefix_key=key)
+                files = appended.states if appended is not None else resume.file_states(self.inputs)
+                resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic, files)
+            grown = None if appended is None else (appended.old_key, appended.first_grown)
+            index = self._ledger.open(prefix_key=key, appended=grown)
             self._prefix = index.prefix
             if index.unreadable_lines:
                 lines = ", ".join(map(str, index.damaged_lines))
@@ -405,10 +412,14 @@ class Runner:
         if mark is None or key is None or mark.given_up:
             return None
         if mark.mark >= self._seq:  # every request read so far was answered ok
-            if self._exhausted:
-                return DonePrefix(key, len(self.inputs), 0, mark.mark)
-            if self._last_pos is None or self._last_pos[2] != self.config.samples - 1:
+            if self._last_pos is None:  # nothing read: where this run started, when it read it all
+                if not self._exhausted:
+                    return None
+                at = self._prefix[:2] if self._prefix is not None else (len(self.inputs), 0)
+                return DonePrefix(key, at[0], at[1], mark.mark)
+            if not self._exhausted and self._last_pos[2] != self.config.samples - 1:
                 return None
+            # Just past the last record read (not past the inputs): lines appended later are read.
             i, line, _ = self._last_pos
             return DonePrefix(key, i, line + 1, mark.mark)
         found = mark.at_mark()

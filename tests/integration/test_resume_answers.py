@@ -11,7 +11,7 @@ import pytest
 from simrun import sim_config
 
 from batchgate.config import RunConfig
-from batchgate.errors import LedgerError
+from batchgate.errors import InputError, LedgerError
 from batchgate.ledger import INTENTS_DIR, LEDGER_NAME, POSSIBLY_BILLED_NAME, SPILL_NAME, Ledger
 from batchgate.runner import Runner, in_shard
 from batchgate.simulator import SimulatorConfig, running_simulator
@@ -257,7 +257,8 @@ async def test_a_resumed_start_begins_after_the_done_prefix_and_never_rebuys(tmp
         assert second.ok + first.ok == 200 and second.skipped == first.ok
         third_runner = Runner([src], config(out, sim.base_url))
         third = await third_runner.run()
-        assert third_runner._prefix == (1, 0, 200) and (third.requests, third.skipped) == (0, 200)
+        # Just past the last line read, not past the input: lines appended later are read.
+        assert third_runner._prefix == (0, 201, 200) and (third.requests, third.skipped) == (0, 200)
         billed = [b["client_request_id"] for b in sim.billing.completed()]
     assert sorted(billed) == sorted(many)  # every answer bought exactly once
     ok = [r["id"] for r in rows(out) if r["status"] == "ok"]
@@ -268,6 +269,86 @@ async def test_a_resumed_start_begins_after_the_done_prefix_and_never_rebuys(tmp
         fourth_runner = Runner([src], config(out, sim.base_url))
         fourth = await fourth_runner.run()
     assert fourth_runner._prefix is None and (fourth.stale, fourth.requests) == (1, 1)
+
+
+def append_prompts(path: Path, prompts: dict[str, str]) -> None:
+    with path.open("ab") as f:  # the same file (inode), longer: what `>>` and a generator do
+        f.write(b"".join(orjson.dumps({"id": k, "prompt": v}) + b"\n" for k, v in prompts.items()))
+
+
+async def test_lines_appended_to_a_finished_input_keep_the_prefix_and_only_they_are_bought(tmp_path: Path) -> None:
+    src = write_prompts(tmp_path / "p.jsonl", {f"p{i}": f"prompt {i}" for i in range(50)})
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=3)) as sim:
+        first = await Runner([src], config(out, sim.base_url)).run()
+        assert first.ok == 50
+        for round_ in range(2):  # twice: the second append starts from the prefix the first left
+            new = {f"n{round_}-{i}": f"new prompt {round_} {i}" for i in range(7)}
+            append_prompts(src, new)
+            runner = Runner([src], config(out, sim.base_url))
+            summary = await runner.run()
+            assert runner._prefix == (0, 51 + 7 * round_, 50 + 7 * round_)  # no line before it re-read
+            assert (summary.requests, summary.ok, summary.skipped) == (7, 7, 50 + 7 * round_)
+            assert runner.total == 57 + 7 * round_  # validated again, new lines included
+        billed = sorted(b["client_request_id"] for b in sim.billing.completed())
+    assert billed == sorted([f"p{i}" for i in range(50)] + [f"n{r}-{i}" for r in range(2) for i in range(7)])
+
+
+async def test_an_append_with_an_edit_before_it_or_without_a_final_newline_reads_everything(tmp_path: Path) -> None:
+    prompts = {f"p{i}": f"prompt {i}" for i in range(20)}
+    src = write_prompts(tmp_path / "p.jsonl", prompts)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=4)) as sim:
+        assert (await Runner([src], config(out, sim.base_url)).run()).ok == 20
+        with src.open("r+b") as f:  # edited in place, same inode: p3's prompt changes
+            data = f.read()
+            f.seek(0)
+            f.write(data.replace(b'"prompt 3"', b'"prompt X"'))
+        append_prompts(src, {"extra": "one more"})
+        edited = Runner([src], config(out, sim.base_url))
+        summary = await edited.run()
+        assert edited._prefix is None and (summary.stale, summary.requests) == (1, 2)  # the edit is found
+        # An input whose old bytes did not end a line: its last line may have grown.
+        src.write_bytes(src.read_bytes().rstrip(b"\n"))
+        assert (await Runner([src], config(out, sim.base_url)).run()).requests == 0
+        with src.open("ab") as f:
+            f.write(b"\n" + orjson.dumps({"id": "tail", "prompt": "after"}) + b"\n")
+        tail = Runner([src], config(out, sim.base_url))
+        summary = await tail.run()
+        assert tail._prefix is None and summary.requests == 1
+
+
+async def test_an_earlier_input_that_grew_is_read_again_past_the_prefix(tmp_path: Path) -> None:
+    a = write_prompts(tmp_path / "a.jsonl", {f"a{i}": f"a {i}" for i in range(5)})
+    b = write_prompts(tmp_path / "b.jsonl", {f"b{i}": f"b {i}" for i in range(5)})
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=6)) as sim:
+        assert (await Runner([a, b], config(out, sim.base_url)).run()).ok == 10
+        append_prompts(a, {"a-new": "grown"})  # the prefix stands in b: a's new line is before it
+        runner = Runner([a, b], config(out, sim.base_url))
+        summary = await runner.run()
+        assert runner._prefix is None and (summary.requests, summary.skipped) == (1, 10)
+        append_prompts(a, {"bad": ""})  # a new line is validated like any other
+        with pytest.raises(InputError, match=r"a\.jsonl:7"):
+            await Runner([a, b], config(out, sim.base_url)).run()
+
+
+async def test_a_validation_file_of_an_older_batchgate_gains_the_file_states(tmp_path: Path) -> None:
+    from batchgate.resume import VALIDATED_NAME
+
+    src = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=7)) as sim:
+        await Runner([src], config(out, sim.base_url)).run()
+        doc = orjson.loads((out / VALIDATED_NAME).read_bytes())
+        assert len(doc.pop("files")) == 1
+        (out / VALIDATED_NAME).write_bytes(orjson.dumps(doc))  # as an older batchgate wrote it
+        again = Runner([src], config(out, sim.base_url))
+        assert (await again.run()).requests == 0 and again._prefix is not None
+        assert "files" in orjson.loads((out / VALIDATED_NAME).read_bytes())
+        append_prompts(src, {"late": "later"})
+        late = Runner([src], config(out, sim.base_url))
+        assert (await late.run()).requests == 1 and late._prefix is not None
 
 
 async def test_a_model_the_catalog_lacks_stops_the_run_before_any_request(tmp_path: Path) -> None:
