@@ -27,6 +27,7 @@ import hashlib
 import heapq
 import os
 import stat
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,12 @@ class Watermark:
         self._ahead: list[int] = []  # heap of ok seqs beyond the mark
         self._keys: dict[int, tuple[str, str | None]] = {}  # ok seqs >= the mark's record: their key, fp
         self._pos: dict[int, tuple[int, int, int]] = {}  # seq -> (input, line, sample) from the mark on
+        self._order: deque[int] = deque()  # the seqs of _pos, ascending (seen in input order)
 
     def seen(self, seq: int, position: tuple[int, int], sample: int) -> None:
         if not self.given_up:
             self._pos[seq] = (position[0], position[1], sample)
+            self._order.append(seq)
             if len(self._pos) > self.cap:
                 self._give_up()
 
@@ -251,8 +254,12 @@ class Watermark:
         self._forget_before(self.mark - self.samples)
 
     def _forget_before(self, seq: int) -> None:
-        for old in [s for s in self._pos if s < seq]:
-            del self._pos[old]
+        """Drop what lies before ``seq``: from the front of the order, so an advance costs what it drops
+        (a scan of every position tracked cost the concurrency per advance)."""
+        order = self._order
+        while order and order[0] < seq:
+            old = order.popleft()
+            self._pos.pop(old, None)
             self._keys.pop(old, None)
 
     def _give_up(self) -> None:
@@ -260,6 +267,7 @@ class Watermark:
         self._ahead.clear()
         self._keys.clear()
         self._pos.clear()
+        self._order.clear()
 
     def at_mark(self) -> tuple[tuple[int, int, int], list[tuple[str, str | None]]] | None:
         """((input, line, requests before it), answers ok beyond it) for the record at the mark.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -63,3 +64,23 @@ def test_inputs_key_changes_with_the_file_or_the_settings_and_pipes_have_none(tm
     os.mkfifo(fifo)
     assert inputs_key([fifo], {}) is None
     assert inputs_key([f, f], {}) is None
+
+
+def test_what_the_mark_passed_is_forgotten_and_what_is_tracked_stays_near_the_concurrency() -> None:
+    mark = Watermark()
+    window = 500  # requests in flight, finishing nearly in order (any of the oldest 50 next)
+    rng = random.Random(3)
+    pending: list[int] = []
+    largest = 0
+    for seq in range(20_000):
+        mark.seen(seq, (0, seq + 1), 0)
+        pending.append(seq)
+        if len(pending) >= window:
+            done = pending.pop(rng.randrange(50))
+            mark.complete(done, f"k{done}", None)
+        largest = max(largest, len(mark._pos))
+    for done in pending:
+        mark.complete(done, f"k{done}", None)
+    assert mark.mark == 20_000 and not mark.given_up
+    assert largest <= 3 * window, largest  # the order forgets from its front as the mark advances
+    assert len(mark._pos) == len(mark._order) <= 1 and len(mark._keys) <= 1
