@@ -31,6 +31,7 @@ import difflib
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import stat
@@ -145,6 +146,9 @@ class ValidationReport:
     warnings: list[InputProblem] = field(default_factory=list)
     # model -> [path, line, count]: where each model is first named, and on how many records
     models: dict[str, list[Any]] = field(default_factory=dict)
+    # The 64-bit digest of every valid record's id, sorted (a later run's ``known_ids``, when
+    # lines are appended: see ``batchgate.resume``).
+    ids: array[int] = field(default_factory=lambda: array("Q"))
 
     def ok(self) -> bool:
         """True when the run may start: no problem at all."""
@@ -254,6 +258,8 @@ def validate(
     id_column: str | None = None,
     strict: bool = False,
     keep: int = 20,
+    start: Sequence[int | None] | None = None,
+    known_ids: array[int] | None = None,
 ) -> ValidationReport:
     """Check every line of every input before any request is made, in constant memory per line.
 
@@ -264,6 +270,12 @@ def validate(
     prompt at all.  Returns the report (the first ``keep`` problems in input order); raises
     ``InputError`` only for paths that cannot be read or used (binary, a table without a template)
     and for a template that does not compile.
+
+    ``start`` (per input: the first line to check, None to pass the input over) and ``known_ids``
+    (the sorted id digests of the lines checked before) check only lines appended since a run
+    checked the rest: an id among ``known_ids`` is a problem, without its first place (check
+    everything again to name it).  Line numbers count physical lines, so an input that is not
+    plain JSONL is checked from its first line.
     """
     ctx = _context(default_model, template, system_template, id_column, strict)
     inputs = _inputs(paths, jobs, ctx)
@@ -274,9 +286,14 @@ def validate(
     empty: list[str] = []
     hashes = array("Q")  # 8 bytes per valid line: the only thing that grows with the input
     add_hash = hashes.frombytes
-    for src in inputs:
+    for i, src in enumerate(inputs):
+        first = 1 if start is None else start[i]
+        if first is None:
+            continue  # checked by an earlier run, unchanged
+        if src.compression is not None or src.kind not in ("prompts", "jsonl"):
+            first = 1
         before = records
-        for n, res in _rows(src, ctx):
+        for n, res in _rows(src, ctx, first):
             if res is None:
                 continue
             if isinstance(res, _LineProblem):
@@ -301,8 +318,11 @@ def validate(
         if records == before:
             empty.append(src.path)
 
-    duplicated = _duplicated_digests(hashes)
-    del hashes
+    if known_ids is not None and _any_known(hashes, known_ids):
+        problem_count += 1
+        where = next(src.path for i, src in enumerate(inputs) if start is None or start[i] is not None)
+        problems.append(InputProblem(where, 0, "an id on the new lines repeats one of the lines checked before"))
+    duplicated = _duplicated_digests(hashes)  # sorts them in place
     if duplicated:
         dup_problems, dup_count, dup_chars = _name_duplicates(inputs, ctx, duplicated, keep)
         problem_count += dup_count
@@ -322,7 +342,7 @@ def validate(
         problems = problems[:keep]
     else:
         warnings += [InputProblem(path, 0, _no_prompts(kinds[path])) for path in empty if path not in _paths(problems)]
-    return ValidationReport(problems, problem_count, records, prompt_chars, warnings, models)
+    return ValidationReport(problems, problem_count, records, prompt_chars, warnings, models, hashes)
 
 
 def _more_lines(count: int) -> str:
@@ -380,17 +400,27 @@ def _id_digest(rid: str) -> bytes:
 _SMALL = 10_000  # inputs up to this many lines find their duplicate ids in a Python set (~1 MB)
 
 
+def _any_known(hashes: array[int], known: array[int]) -> bool:
+    """Whether any of ``hashes`` is among the sorted ``known``."""
+    if not len(hashes) or not len(known):
+        return False
+    if len(known) + len(hashes) <= _SMALL:
+        return not set(known).isdisjoint(hashes)
+    import numpy as np
+
+    k = np.frombuffer(known, dtype=np.uint64)
+    h = np.frombuffer(hashes, dtype=np.uint64)
+    at = np.minimum(np.searchsorted(k, h), len(k) - 1)
+    return bool((k[at] == h).any())
+
+
 def _duplicated_digests(hashes: array[int]) -> set[bytes]:
-    """The digests that occur more than once (sort, then compare neighbours)."""
+    """The digests that occur more than once; ``hashes`` is left sorted (compare neighbours)."""
     if len(hashes) < 2:
         return set()
-    if len(hashes) <= _SMALL:  # a set of ints: no numpy import (~0.07 s) for an everyday input
-        seen: set[int] = set()
-        twice: set[int] = set()
-        for h in hashes:
-            if h in seen:
-                twice.add(h)
-            seen.add(h)
+    if len(hashes) <= _SMALL:  # sorted in Python: no numpy import (~0.07 s) for an everyday input
+        hashes[:] = array("Q", sorted(hashes))
+        twice = {a for a, b in itertools.pairwise(hashes) if a == b}
         return {array("Q", [h]).tobytes() for h in twice}
     import numpy as np
 

@@ -25,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+import itertools
 import os
 import stat
+import sys
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +40,21 @@ import orjson
 from .models import BATCHGATE_VERSION
 
 __all__ = [
+    "IDS_NAME",
     "VALIDATED_NAME",
     "Appended",
     "Watermark",
     "appended_inputs",
     "file_states",
     "inputs_key",
+    "load_known_ids",
     "load_validation",
+    "merge_ids",
     "save_validation",
 ]
 
 VALIDATED_NAME = "inputs.json"
+IDS_NAME = "inputs.ids"  # the validated inputs' id digests, sorted uint64 (8 bytes a prompt)
 
 
 def _identity(path: str | os.PathLike[str]) -> list[Any] | None:
@@ -89,19 +96,22 @@ def _key_of(ids: list[Any], settings: dict[str, Any]) -> str | None:
 _READ = 1 << 20
 
 
-def _digest(path: Path, size: int) -> tuple[Any, bool]:
-    """(blake2b state over the first ``size`` bytes, whether they are all there and end a line)."""
-    h = hashlib.blake2b(digest_size=16)
-    done, last = 0, b"\n"
+def _digest(path: Path, size: int, start: int = 0, h: Any = None) -> tuple[Any, bool, int]:
+    """(blake2b state over bytes ``start``..``size`` (continuing ``h``), whether they are all there
+    and end a line, how many lines they hold)."""
+    h = h if h is not None else hashlib.blake2b(digest_size=16)
+    done, last, lines = start, b"\n", 0
     with open(path, "rb") as f:
+        f.seek(start)
         while done < size:
             piece = f.read(min(_READ, size - done))
             if not piece:
                 break
             h.update(piece)
+            lines += piece.count(b"\n")
             last = piece[-1:]
             done += len(piece)
-    return h, done == size and last == b"\n"
+    return h, done == size and last == b"\n", lines
 
 
 def file_states(paths: list[Path]) -> list[dict[str, Any]] | None:
@@ -112,7 +122,7 @@ def file_states(paths: list[Path]) -> list[dict[str, Any]] | None:
         if ident is None:
             return None
         try:
-            h, _ = _digest(p, ident[3])
+            h, _, _ = _digest(p, ident[3])
         except OSError:
             return None
         states.append({"ident": ident, "digest": h.hexdigest()})
@@ -126,6 +136,8 @@ class Appended:
     old_key: str
     first_grown: int  # index of the first input with new lines
     states: list[dict[str, Any]]  # what the inputs are now, for this run's inputs.json
+    starts: list[int | None]  # per input: its first new line (None: unchanged)
+    validated: dict[str, Any]  # what the last run's validation found (inputs.json)
 
 
 def appended_inputs(out_dir: Path, paths: list[Path], settings: dict[str, Any]) -> Appended | None:
@@ -139,6 +151,7 @@ def appended_inputs(out_dir: Path, paths: list[Path], settings: dict[str, Any]) 
         return None
     old_ids: list[Any] = []
     states: list[dict[str, Any]] = []
+    starts: list[int | None] = [None] * len(paths)
     first_grown: int | None = None
     try:
         for i, (p, old) in enumerate(zip(paths, doc["files"], strict=True)):
@@ -152,20 +165,18 @@ def appended_inputs(out_dir: Path, paths: list[Path], settings: dict[str, Any]) 
                 continue
             if ident[3] <= before[3]:
                 return None  # same size or shorter, another time: rewritten
-            h, whole = _digest(p, int(before[3]))
+            h, whole, lines = _digest(p, int(before[3]))
             if not whole or h.hexdigest() != old.get("digest"):
                 return None  # the old bytes changed, or did not end a line
-            with open(p, "rb") as f:
-                f.seek(int(before[3]))
-                while piece := f.read(_READ):
-                    h.update(piece)
+            h, _, _ = _digest(p, ident[3], int(before[3]), h)
             states.append({"ident": ident, "digest": h.hexdigest()})
+            starts[i] = lines + 1  # the old bytes end a line: the new ones begin the next
             first_grown = i if first_grown is None else first_grown
     except (OSError, ValueError, TypeError):
         return None
     if first_grown is None or _key_of(old_ids, settings) != doc.get("key"):
         return None  # nothing grew (another change), or the settings changed
-    return Appended(str(doc["key"]), first_grown, states)
+    return Appended(str(doc["key"]), first_grown, states, starts, doc)
 
 
 def load_validation(out_dir: Path, key: str | None, *, any_key: bool = False) -> dict[str, Any] | None:
@@ -192,16 +203,59 @@ def save_validation(
     models: dict[str, Any],
     write: Any,
     files: list[dict[str, Any]] | None = None,
+    ids: array[int] | None = None,
 ) -> None:
     """Remember that these inputs validated (``write`` is ``ledger.write_atomic``); ``files``: their
-    states (:func:`file_states`), so that the next run can tell lines appended from an edit."""
+    states (:func:`file_states`), so that the next run can tell lines appended from an edit;
+    ``ids``: their sorted id digests (``inputs.ids``), so that it validates only the new lines."""
     if key is None:
         return
     doc: dict[str, Any] = {"key": key, "records": records, "warnings": warnings, "models": models}
     if files is not None:
         doc["files"] = files
+    if files is not None and ids is not None:
+        data = ids.tobytes()
+        with contextlib.suppress(OSError):
+            write(out_dir / IDS_NAME, data)
+            doc["ids"] = {
+                "n": len(ids),
+                "digest": hashlib.blake2b(data, digest_size=16).hexdigest(),
+                "order": sys.byteorder,
+            }
     with contextlib.suppress(OSError):  # a convenience: the next run validates again
         write(out_dir / VALIDATED_NAME, orjson.dumps(doc))
+
+
+def load_known_ids(out_dir: Path, validated: dict[str, Any]) -> array[int] | None:
+    """The sorted id digests ``validated`` (an ``inputs.json``) vouches for, or None (none kept, damaged)."""
+    meta = validated.get("ids")
+    if not isinstance(meta, dict) or meta.get("order") != sys.byteorder:
+        return None
+    path = out_dir / IDS_NAME
+    try:
+        if path.is_symlink():
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) != 8 * meta.get("n", -1) or hashlib.blake2b(data, digest_size=16).hexdigest() != meta.get("digest"):
+        return None
+    ids = array("Q")
+    ids.frombytes(data)
+    return ids
+
+
+def merge_ids(known: array[int], new: array[int]) -> array[int]:
+    """Two sorted id digest arrays as one (both are sorted: ``jobs.validate`` leaves its own so)."""
+    if len(known) + len(new) <= 100_000:
+        return array("Q", sorted(itertools.chain(known, new)))
+    import numpy as np
+
+    merged = np.concatenate([np.frombuffer(known, dtype=np.uint64), np.frombuffer(new, dtype=np.uint64)])
+    merged.sort(kind="stable")
+    out = array("Q")
+    out.frombytes(merged.tobytes())
+    return out
 
 
 class Watermark:

@@ -18,6 +18,7 @@ import itertools
 import math
 import time
 import uuid
+from array import array
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,6 +187,7 @@ class Runner:
             if validated is not None or key is None
             else resume.appended_inputs(cfg.out_dir, self.inputs, self._shaping())
         )
+        ids = None  # the inputs' sorted id digests, when they were (partly) validated now
         if self.records is not None:
             self.total = len(self.records) * cfg.samples
             for r in self.records:
@@ -196,13 +198,14 @@ class Runner:
             self._models = dict(validated.get("models") or {})
             if validated.get("warnings"):
                 self.notices.append(validated["warnings"])
-        else:
+        elif (ids := self._validate_appended(appended)) is None:
             report = jobs.validate(self.inputs, **input_options(cfg))
             if not report.ok():
                 raise InputError(report.format())
             if report.warnings:
                 self.notices.append(report.format_warnings())
             self._models = report.models
+            ids = report.ids
             if cfg.shard is None:
                 self.total = report.records * cfg.samples
             else:
@@ -216,7 +219,7 @@ class Runner:
             if validated is None or "files" not in validated:  # (an older batchgate stored none)
                 notes = "\n".join(self.notices)
                 files = appended.states if appended is not None else resume.file_states(self.inputs)
-                resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic, files)
+                resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic, files, ids)
             grown = None if appended is None else (appended.old_key, appended.first_grown)
             index = self._ledger.open(prefix_key=key, appended=grown)
             self._prefix = index.prefix
@@ -405,6 +408,28 @@ class Runner:
             "json_schema": cfg.json_schema,
             "json_mode": cfg.json_mode,
         }
+
+    def _validate_appended(self, appended: resume.Appended | None) -> array[int] | None:
+        """Validate only the lines appended since the last run validated the rest; the inputs'
+        sorted id digests, or None when everything must be validated again (no ids kept, a shard,
+        a problem or a warning on the new lines: the full pass names them exactly)."""
+        cfg = self.config
+        if appended is None or cfg.shard is not None:
+            return None
+        known = resume.load_known_ids(cfg.out_dir, appended.validated)
+        if known is None:
+            return None
+        report = jobs.validate(self.inputs, **input_options(cfg), start=appended.starts, known_ids=known)
+        if not report.ok() or report.warnings:
+            return None
+        before = appended.validated
+        self.total = int(before["records"]) + report.records * cfg.samples
+        self._models = {m: list(v) for m, v in (before.get("models") or {}).items()}
+        for model, (path, line, count) in report.models.items():
+            self._models.setdefault(model, [path, line, 0])[2] += count
+        if before.get("warnings"):
+            self.notices.append(before["warnings"])
+        return resume.merge_ids(known, report.ids)
 
     def _done_prefix(self) -> DonePrefix | None:
         """Where the next run may start reading: before it, every request was answered ok."""

@@ -413,3 +413,39 @@ async def test_links_planted_in_the_output_directory_write_nothing_outside_it(tm
             assert summary.ok == 12  # runs/ is a convenience: skipped, the run goes on
     assert not target.exists()  # nothing written through the link
     assert sorted(p.name for p in elsewhere.iterdir()) == (["x.jsonl"] if planted == "intents" else [])
+
+
+async def test_after_an_append_only_new_lines_are_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchgate import jobs
+    from batchgate.resume import IDS_NAME
+
+    calls: list[Any] = []
+    real = jobs.validate
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        calls.append(kw.get("start"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(jobs, "validate", spy)
+    src = write_prompts(tmp_path / "p.jsonl", {f"p{i}": f"prompt {i}" for i in range(30)})
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig(seed=8)) as sim:
+        assert (await Runner([src], config(out, sim.base_url)).run()).ok == 30
+        assert calls == [None] and (out / IDS_NAME).stat().st_size == 8 * 30  # one digest a prompt
+        append_prompts(src, {f"n{i}": f"new {i}" for i in range(5)})
+        runner = Runner([src], config(out, sim.base_url))
+        summary = await runner.run()
+        assert calls[-1] == [31] and runner.total == 35 and runner._models["sim-model"][2] == 35
+        assert (summary.requests, summary.skipped) == (5, 30) and (out / IDS_NAME).stat().st_size == 8 * 35
+        # A new line repeating an old id: the full pass runs and names both places.
+        append_prompts(src, {"p4": "a second p4"})
+        with pytest.raises(InputError, match=r'p\.jsonl:36: duplicate id "p4" \(first seen at .*p\.jsonl:5\)'):
+            await Runner([src], config(out, sim.base_url)).run()
+        assert calls[-2:] == [[36], None]
+        # A damaged digest file is not trusted: everything is validated again.
+        src.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:-1]))  # the repeat taken out
+        (out / IDS_NAME).write_bytes(b"\0" * 8 * 35)
+        append_prompts(src, {"late": "later"})
+        calls.clear()
+        assert (await Runner([src], config(out, sim.base_url)).run()).requests == 1
+        assert None in calls

@@ -320,7 +320,8 @@ def test_format_of_a_clean_report_is_empty(tmp_path: Path) -> None:
     report = validate([write(tmp_path / "p.jsonl", {"prompt": "x"})], default_model=MODEL)
     assert report.ok()
     assert report.format() == ""
-    assert report == ValidationReport([], 0, 1, 1, models={MODEL: [str(tmp_path / "p.jsonl"), 1, 1]})
+    want = ValidationReport([], 0, 1, 1, models={MODEL: [str(tmp_path / "p.jsonl"), 1, 1]}, ids=report.ids)
+    assert report == want and len(report.ids) == 1
 
 
 def test_input_problem_prints_path_line_message() -> None:
@@ -430,6 +431,8 @@ def test_validation_memory_grows_by_a_hash_per_line_not_by_the_lines(
         return real(hashes)
 
     monkeypatch.setattr(jobs, "_duplicated_digests", spy)
+    import numpy  # noqa: F401  (its import is not the validation's memory)
+
     tracemalloc.start()
     try:
         report = validate([path], default_model=MODEL)
