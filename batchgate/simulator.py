@@ -1,7 +1,9 @@
 """A local GonkaGate: a real aiohttp server speaking the streaming wire format, with seeded faults.
 
-It keeps its own account (:class:`Billing`) of every request it billed, so tests, ``run --simulate``
-and benchmarks can compare batchgate's cost report with what the server charged, to 1e-9. It never
+It keeps its own account (:class:`Billing`) of what it billed, so tests, ``run --simulate`` and
+benchmarks can compare batchgate's cost report with what the server charged, to 1e-9: exact totals
+always, per-request records up to ``keep_records`` (every one in the optional billing log), so its
+memory stays flat however many requests it serves. It never
 imports ``client``, ``retry`` or ``runner``: it is an independent check on them.
 
 It behaves as ``docs/gonkagate-api.md`` describes GonkaGate.  Every response carries a unique
@@ -65,10 +67,12 @@ from aiohttp import web
 __all__ = [
     "BILLING_KEY",
     "CONFIG_KEY",
+    "DEFAULT_KEEP_RECORDS",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_PRICES",
     "REASONING_MODELS",
     "Billing",
+    "BillingRecordsDropped",
     "RunningSimulator",
     "SimulatorConfig",
     "create_app",
@@ -97,6 +101,10 @@ REASONING_MODELS: frozenset[str] = frozenset({"moonshotai/Kimi-K2.6", "minimaxai
 
 #: What GonkaGate caps an answer at when a request gives no ``max_tokens``.
 DEFAULT_MAX_TOKENS = 4096
+
+#: How many billing records (and chat answers) a simulator keeps by default: every test's worth,
+#: and a flat ~70 MB however long it serves.
+DEFAULT_KEEP_RECORDS = 100_000
 
 #: How long a shutting-down server waits for open streams before cancelling them (billed "cut").
 _SHUTDOWN_TIMEOUT_S = 0.25
@@ -197,7 +205,10 @@ class SimulatorConfig:
     long_answer_rate: float = 0.0  # share of prompts (seeded by the prompt) answered up to the cap
     growth_every: int | None = None  # natural lengths multiply by growth_factor every N accepted requests
     growth_factor: float = 2.0
-    billing_log: str | None = None  # append one JSON line per billed request
+    billing_log: str | None = None  # append one JSON line per billed request (every one, at any scale)
+    # Billing keeps exact totals and counts always, but only the latest keep_records records and
+    # responses (None: all), so memory stays flat however many requests it serves:
+    keep_records: int | None = DEFAULT_KEEP_RECORDS
 
     def __post_init__(self) -> None:
         rates = {
@@ -251,6 +262,8 @@ class SimulatorConfig:
             raise ValueError("growth_factor must be at least 1")
         if self.quota_status not in (402, 429):
             raise ValueError(f"quota_status must be 402 or 429, got {self.quota_status}")
+        if self.keep_records is not None and self.keep_records < 0:
+            raise ValueError("keep_records must not be negative (or None)")
         if self.models_unavailable < -1:
             raise ValueError("models_unavailable must be -1 (always) or a count")
         if not self.rate_limit_code:
@@ -285,8 +298,47 @@ class SimulatorConfig:
         return base, fee, base + fee
 
 
+class BillingRecordsDropped(LookupError):
+    """Asked for every billing record (or response) after the simulator dropped the oldest ones.
+
+    A simulator keeps at most ``SimulatorConfig.keep_records`` of each; its totals and counts stay
+    exact regardless.  Raise ``keep_records`` (``None`` keeps all) or read the billing log (every
+    record, at any scale) instead.
+    """
+
+
+class _ExactSum:
+    """A running sum with no rounding error (Shewchuk's partials, as ``math.fsum`` keeps them).
+
+    ``value()`` is the correctly rounded sum of everything added: bit for bit what ``math.fsum``
+    over the same numbers gives, in O(1) memory (a few dozen partials at most).
+    """
+
+    __slots__ = ("_partials",)
+
+    def __init__(self) -> None:
+        self._partials: list[float] = []
+
+    def add(self, x: float) -> None:
+        partials = self._partials
+        i = 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+
+    def value(self) -> float:
+        return math.fsum(self._partials)
+
+
 class Billing:
-    """The simulator's account: one record per request that was billed, in the order billed.
+    """The simulator's account: exact totals and counts of everything billed, and the latest records.
 
     A record is ``{"seq", "request_id", "response_id", "client_request_id", "model", "stream",
     "status", "fault", "finish_reason", "prompt_tokens", "completion_tokens", "base_cost_usd",
@@ -295,10 +347,20 @@ class Billing:
     written, else ``"cut"``, billed for the prompt plus the tokens actually sent (``content``,
     ``reasoning`` and ``tool_calls`` are choice 0's as sent; ``choices`` lists every choice when
     there were several, else it is ``None``).  ``fault`` is ``None``, ``"reset"``,
-    ``"midstream_error"``, ``"stall"`` or ``"disconnect"``.
+    ``"midstream_error"``, ``"stall"`` or ``"disconnect"``.  ``seq`` numbers records from 0 in
+    billing order.
 
     ``responses`` has one ``{"request_id", "client_request_id", "status", "code"}`` per chat request
     answered (billed or not), so a test can match a failed ledger row to the answer it got.
+
+    Memory is flat in the number of requests: the totals (``spent_usd``, ``completed_total_usd``,
+    ``cut_total_usd``) are exact running sums and the counts (``billed_count``, ``response_count``,
+    ``events``) are integers, kept always; of the records and the responses only the latest
+    ``keep_records`` each are kept (``None``: all).  Once some were dropped, every accessor that
+    would answer from the records (``records``, ``responses``, ``record_for`` of an id it does not
+    hold, ``completed``, ``cut``, ``completed_count_by_client_id``) raises
+    :class:`BillingRecordsDropped` rather than answer from part of them; ``kept_records()`` and
+    ``kept_responses()`` still give the latest ones.  The billing log keeps every record at any scale.
 
     ``events`` counts what the server did per request: ``unauthorized``, ``bad_request``,
     ``forbidden``, ``model_not_found``, ``insufficient_balance``, ``key_concurrency_limited``, ``key_rate_limited``,
@@ -306,59 +368,141 @@ class Billing:
     (injected faults), ``completed`` and ``cut`` (billed).
     """
 
-    def __init__(self, log_path: str | None = None) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.responses: list[dict[str, Any]] = []
+    def __init__(self, log_path: str | None = None, keep_records: int | None = None) -> None:
+        if keep_records is not None and keep_records < 0:
+            raise ValueError("keep_records must not be negative (or None)")
+        self.keep_records = keep_records
         self.events: collections.Counter[str] = collections.Counter()
         self.log_path = log_path
         self._log: BinaryIO | None = open(log_path, "ab") if log_path else None  # noqa: SIM115
-        self._spent = 0.0  # running sum for the balance check; reports use fsum
+        self.billed_count = 0  # records billed, kept or not
+        self.response_count = 0  # chat requests answered, kept or not
+        self._records: collections.deque[dict[str, Any]] = collections.deque()
+        self._responses: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep_records)
         self._by_request_id: dict[str, dict[str, Any]] = {}
+        self._spent = 0.0  # running sum for the balance check; reports use the exact sums
+        self._total = _ExactSum()
+        self._totals = {"completed": _ExactSum(), "cut": _ExactSum()}
 
     def add(self, record: dict[str, Any]) -> None:
-        """Append a record (``seq`` is set here) and its billing-log line, flushed at once."""
-        record["seq"] = len(self.records)
-        self.records.append(record)
-        self._by_request_id[record["request_id"]] = record
-        self.events[record["status"]] += 1
-        self._spent += record["total_cost_usd"]
+        """Count a record (``seq`` is set here), keep it (dropping the oldest past ``keep_records``)
+        and write its billing-log line, flushed at once."""
+        record["seq"] = self.billed_count
+        self.billed_count += 1
+        status = record["status"]
+        cost = record["total_cost_usd"]
+        self.events[status] += 1
+        self._spent += cost
+        self._total.add(cost)
+        self._totals[status].add(cost)
+        keep = self.keep_records
+        if keep is None or keep > 0:
+            if keep is not None and len(self._records) >= keep:
+                old = self._records.popleft()
+                if self._by_request_id.get(old["request_id"]) is old:
+                    del self._by_request_id[old["request_id"]]
+            self._records.append(record)
+            self._by_request_id[record["request_id"]] = record
         if self._log is not None:
             # Flushed per record: tests read the log right after killing clients.
             self._log.write(orjson.dumps(record) + b"\n")
             self._log.flush()
 
+    def add_response(self, response: dict[str, Any]) -> None:
+        """Count one chat request's answer and keep it (dropping the oldest past ``keep_records``)."""
+        self.response_count += 1
+        if self.keep_records != 0:
+            self._responses.append(response)
+
+    @property
+    def records_dropped(self) -> int:
+        """How many billed records are no longer kept (0 while every one is)."""
+        return self.billed_count - len(self._records)
+
+    @property
+    def responses_dropped(self) -> int:
+        """How many chat answers are no longer kept in ``responses``."""
+        return self.response_count - len(self._responses)
+
+    def _require_all(self, what: str) -> None:
+        if self.records_dropped:
+            raise BillingRecordsDropped(
+                f"{what}: {self.records_dropped:,} of {self.billed_count:,} billing records were dropped "
+                f"(keep_records={self.keep_records:,}); the totals and counts stay exact, the billing log has "
+                "every record, kept_records() has the latest"
+            )
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every billed record in billing order (a copy); raises BillingRecordsDropped once some were dropped."""
+        self._require_all("records")
+        return list(self._records)
+
+    @property
+    def responses(self) -> list[dict[str, Any]]:
+        """Every chat answer in order (a copy); raises BillingRecordsDropped once some were dropped."""
+        if self.responses_dropped:
+            raise BillingRecordsDropped(
+                f"responses: {self.responses_dropped:,} of {self.response_count:,} were dropped "
+                f"(keep_records={self.keep_records:,}); kept_responses() has the latest"
+            )
+        return list(self._responses)
+
+    def kept_records(self) -> list[dict[str, Any]]:
+        """The records still kept (the latest ``keep_records``, in billing order); never raises."""
+        return list(self._records)
+
+    def kept_responses(self) -> list[dict[str, Any]]:
+        """The chat answers still kept (the latest ``keep_records``, in order); never raises."""
+        return list(self._responses)
+
     @property
     def spent_usd(self) -> float:
-        """Everything billed so far, completed and cut (exact sum)."""
-        return math.fsum(r["total_cost_usd"] for r in self.records)
+        """Everything billed so far, completed and cut (exact sum, at any scale)."""
+        return self._total.value()
 
     def billed_usd(self) -> float:
         """Everything billed so far (the same exact sum as ``spent_usd``), for ``billed <= cap`` checks."""
         return self.spent_usd
 
     def record_for(self, request_id: str | None) -> dict[str, Any] | None:
-        """The billed record of the request with this ``x-request-id``, or None (never billed)."""
-        return self._by_request_id.get(request_id) if request_id else None
+        """The billed record of the request with this ``x-request-id``, or None (never billed).
+
+        Raises BillingRecordsDropped for an id it does not hold once records were dropped: it
+        cannot tell "never billed" from "billed and dropped".
+        """
+        if not request_id:
+            return None
+        record = self._by_request_id.get(request_id)
+        if record is None:
+            self._require_all(f"record_for({request_id!r})")
+        return record
 
     def completed_total_usd(self) -> float:
-        """Exact sum of ``total_cost_usd`` over completed requests."""
-        return math.fsum(r["total_cost_usd"] for r in self.records if r["status"] == "completed")
+        """Exact sum of ``total_cost_usd`` over completed requests (at any scale)."""
+        return self._totals["completed"].value()
 
     def cut_total_usd(self) -> float:
-        """Exact sum of ``total_cost_usd`` over cut requests (spend the client cannot confirm)."""
-        return math.fsum(r["total_cost_usd"] for r in self.records if r["status"] == "cut")
+        """Exact sum of ``total_cost_usd`` over cut requests (spend the client cannot confirm; at any scale)."""
+        return self._totals["cut"].value()
 
     def completed_count_by_client_id(self) -> collections.Counter[str | None]:
-        """Completed requests per ``X-Client-Request-Id``; a count above 1 means billed twice."""
-        return collections.Counter(r["client_request_id"] for r in self.records if r["status"] == "completed")
+        """Completed requests per ``X-Client-Request-Id``; a count above 1 means billed twice.
+
+        Counted from the records: raises BillingRecordsDropped once some were dropped.
+        """
+        self._require_all("completed_count_by_client_id()")
+        return collections.Counter(r["client_request_id"] for r in self._records if r["status"] == "completed")
 
     def completed(self) -> list[dict[str, Any]]:
-        """The completed records."""
-        return [r for r in self.records if r["status"] == "completed"]
+        """The completed records; raises BillingRecordsDropped once some were dropped."""
+        self._require_all("completed()")
+        return [r for r in self._records if r["status"] == "completed"]
 
     def cut(self) -> list[dict[str, Any]]:
-        """The cut records."""
-        return [r for r in self.records if r["status"] == "cut"]
+        """The cut records; raises BillingRecordsDropped once some were dropped."""
+        self._require_all("cut()")
+        return [r for r in self._records if r["status"] == "cut"]
 
     def close(self) -> None:
         """Close the billing log; records stay readable in memory."""
@@ -500,6 +644,14 @@ class _KeyState:
         self.minute_count = 0
         self.burst_start = -math.inf
         self.burst_count = 0
+
+    def idle(self, config: SimulatorConfig, now: float) -> bool:
+        """Nothing in flight and both windows over: the state of a key never seen (so it can be forgotten)."""
+        return (
+            self.in_flight == 0
+            and now - self.minute_start >= 60.0
+            and now - self.burst_start >= config.key_burst_window_s
+        )
 
     def admit(self, config: SimulatorConfig, now: float) -> tuple[str, str, float] | None:
         """Take a slot and count the request; or (event, message, Retry-After s) with nothing taken."""
@@ -802,6 +954,9 @@ class _Out:
         self.usage_written = last
 
 
+#: How many keys' limit states a simulator holds before it forgets the idle ones.
+_KEYS_SWEEP_AT = 4096
+
 #: What whoami reports as the balance when ``balance_usd`` is None (unlimited).
 _UNLIMITED_BALANCE_USD = 1_000_000.0
 
@@ -816,6 +971,7 @@ class _Simulator:
         self.requests = 0
         self.model_listings = 0
         self.keys: dict[str, _KeyState] = {}
+        self._keys_sweep_at = _KEYS_SWEEP_AT  # forget idle keys when there are this many
         # Unique across restarts (a resumed run meets a new server), cheap per request.
         self._id_prefix = f"req_{secrets.token_hex(5)}"
         self._ids = itertools.count(1)
@@ -837,7 +993,7 @@ class _Simulator:
         every = self.config.price_step_every
         if every is None:
             return 1.0
-        return float(self.config.price_step_factor ** (len(self.billing.records) // every))
+        return float(self.config.price_step_factor ** (self.billing.billed_count // every))
 
     def _check_auth(self, request: web.Request, *, account: bool = True) -> str:
         """The key; 401 without one, 403 when the account is deactivated (unless ``account`` is False)."""
@@ -854,10 +1010,13 @@ class _Simulator:
         return key
 
     def _admit(self, key: str) -> _KeyState:
+        now = time.monotonic()
         state = self.keys.get(key)
         if state is None:
+            if len(self.keys) >= self._keys_sweep_at:
+                self._forget_idle_keys(now)
             state = self.keys[key] = _KeyState()
-        refused = state.admit(self.config, time.monotonic())
+        refused = state.admit(self.config, now)
         if refused is not None:
             event, message, retry_after = refused
             self.billing.events[event] += 1
@@ -865,6 +1024,15 @@ class _Simulator:
                 429, "rate_limit_error", "rate_limit_exceeded", message, {"Retry-After": f"{retry_after:g}"}
             )
         return state
+
+    def _forget_idle_keys(self, now: float) -> None:
+        """Drop the keys whose state is that of a new key, so many keys' states do not pile up.
+
+        The next sweep waits until the dict has doubled from what is left (amortised O(1) per key).
+        """
+        config = self.config
+        self.keys = {key: state for key, state in self.keys.items() if not state.idle(config, now)}
+        self._keys_sweep_at = max(_KEYS_SWEEP_AT, 2 * len(self.keys))
 
     @staticmethod
     def _release(call: _Call) -> None:
@@ -1016,7 +1184,7 @@ class _Simulator:
                     code = _SERVER_ERROR_CODES[status]
                     raise _HttpError(status, "server_error", code, f"upstream error ({code})")
             except _HttpError as exc:
-                billing.responses.append(
+                billing.add_response(
                     {
                         "request_id": request_id,
                         "client_request_id": client_request_id,
@@ -1043,7 +1211,7 @@ class _Simulator:
                 slot=slot,
             )
             slot = None  # the call owns it now
-            billing.responses.append(
+            billing.add_response(
                 {"request_id": request_id, "client_request_id": client_request_id, "status": 200, "code": None}
             )
             if not req.stream:
@@ -1331,7 +1499,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
     does) so that a client leaving mid-stream is billed ``cut`` at once and nothing is logged per
     request.  The billing log is closed on app cleanup.
     """
-    billing = Billing(config.billing_log)
+    billing = Billing(config.billing_log, config.keep_records)
     simulator = _Simulator(config, billing)
     app = web.Application(client_max_size=64 * 1024**2)
     app[BILLING_KEY] = billing

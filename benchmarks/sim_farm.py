@@ -4,7 +4,9 @@ Each process builds the app with ``batchgate.simulator.create_app`` and serves i
 ``web.TCPSite(..., reuse_port=True)``, run as ``batchgate.simulator.running_simulator`` runs it
 (``access_log=None``, ``handler_cancellation=True``).  The first process binds a free port; the
 others bind the same one, and the kernel spreads new connections over them.  Per-key limits are
-off (``SimulatorConfig.key_limits`` is false by default).  On exit every process gets SIGTERM and
+off (``SimulatorConfig.key_limits`` is false by default).  Nobody reads a farm process's billing,
+so it keeps no per-request records (``keep_records=0``; its totals are still kept): its memory stays
+flat however many requests it serves.  On exit every process gets SIGTERM and
 is reaped with ``wait4``, so the farm reports the CPU its processes used (``cpu_s``, start-up
 included) and what each said it used while serving (``serve_cpu_s``).
 
@@ -105,10 +107,12 @@ def simulator_farm(
     token_delay_s: float = 0.0,
     seed: int = 1,
     record_first_post: bool = False,
+    keep_records: int = 0,
     python: str = sys.executable,
 ) -> Iterator[Farm]:
     """``processes`` simulators on one loopback port, answers of exactly ``tokens`` tokens; yield the farm."""
     args = ["--tokens", str(tokens), "--token-delay", repr(token_delay_s), "--seed", str(seed)]
+    args += ["--keep-records", str(keep_records)]
     if record_first_post:
         args.append("--record-first-post")
     procs: list[subprocess.Popen[str]] = []
@@ -151,6 +155,7 @@ async def _serve(args: argparse.Namespace) -> None:
         token_delay_s=args.token_delay,
         min_completion_tokens=args.tokens,
         max_completion_tokens=args.tokens,
+        keep_records=args.keep_records,
     )
     app = create_app(config)
     if args.record_first_post:
@@ -189,6 +194,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1, help="completion tokens per answer")
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep-records", type=int, default=0, help="billing records each process keeps")
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--record-first-post", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

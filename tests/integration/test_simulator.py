@@ -667,6 +667,7 @@ def test_serve_process_prints_url_and_exits_cleanly_on_sigterm(tmp_path: Path) -
         {"key_concurrency_limit": 0},
         {"price_step_every": 0},
         {"growth_factor": 0.5},
+        {"keep_records": -1},
     ],
 )
 def test_bad_config_is_rejected(kwargs: dict[str, Any]) -> None:
