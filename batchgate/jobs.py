@@ -38,7 +38,7 @@ import stat
 import tempfile
 import zlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -259,7 +259,7 @@ def validate(
     strict: bool = False,
     keep: int = 20,
     start: Sequence[int | None] | None = None,
-    known_ids: array[int] | None = None,
+    known_ids: Callable[[array[int]], bool] | None = None,
 ) -> ValidationReport:
     """Check every line of every input before any request is made, in constant memory per line.
 
@@ -272,9 +272,9 @@ def validate(
     and for a template that does not compile.
 
     ``start`` (per input: the first line to check, None to pass the input over) and ``known_ids``
-    (the sorted id digests of the lines checked before) check only lines appended since a run
-    checked the rest: an id among ``known_ids`` is a problem, without its first place (check
-    everything again to name it).  Line numbers count physical lines, so an input that is not
+    (whether any of some id digests is among those of the lines checked before) check only lines
+    appended since a run checked the rest: a known id is a problem, without its first place
+    (check everything again to name it).  Line numbers count physical lines, so an input that is not
     plain JSONL is checked from its first line.
     """
     ctx = _context(default_model, template, system_template, id_column, strict)
@@ -318,7 +318,7 @@ def validate(
         if records == before:
             empty.append(src.path)
 
-    if known_ids is not None and _any_known(hashes, known_ids):
+    if known_ids is not None and len(hashes) and known_ids(hashes):
         problem_count += 1
         where = next(src.path for i, src in enumerate(inputs) if start is None or start[i] is not None)
         problems.append(InputProblem(where, 0, "an id on the new lines repeats one of the lines checked before"))
@@ -398,20 +398,6 @@ def _id_digest(rid: str) -> bytes:
 
 
 _SMALL = 10_000  # inputs up to this many lines find their duplicate ids in a Python set (~1 MB)
-
-
-def _any_known(hashes: array[int], known: array[int]) -> bool:
-    """Whether any of ``hashes`` is among the sorted ``known``."""
-    if not len(hashes) or not len(known):
-        return False
-    if len(known) + len(hashes) <= _SMALL:
-        return not set(known).isdisjoint(hashes)
-    import numpy as np
-
-    k = np.frombuffer(known, dtype=np.uint64)
-    h = np.frombuffer(hashes, dtype=np.uint64)
-    at = np.minimum(np.searchsorted(k, h), len(k) - 1)
-    return bool((k[at] == h).any())
 
 
 def _duplicated_digests(hashes: array[int]) -> set[bytes]:

@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
-import itertools
 import os
 import stat
 import sys
 from array import array
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +43,13 @@ __all__ = [
     "IDS_NAME",
     "VALIDATED_NAME",
     "Appended",
+    "KnownIds",
     "Watermark",
     "appended_inputs",
     "file_states",
     "inputs_key",
     "load_known_ids",
     "load_validation",
-    "merge_ids",
     "save_validation",
 ]
 
@@ -203,59 +203,96 @@ def save_validation(
     models: dict[str, Any],
     write: Any,
     files: list[dict[str, Any]] | None = None,
-    ids: array[int] | None = None,
+    ids: Iterable[bytes | memoryview] | None = None,
 ) -> None:
     """Remember that these inputs validated (``write`` is ``ledger.write_atomic``); ``files``: their
     states (:func:`file_states`), so that the next run can tell lines appended from an edit;
-    ``ids``: their sorted id digests (``inputs.ids``), so that it validates only the new lines."""
+    ``ids``: the bytes of their sorted id digests (``inputs.ids``), so that it validates only the
+    new lines."""
     if key is None:
         return
     doc: dict[str, Any] = {"key": key, "records": records, "warnings": warnings, "models": models}
     if files is not None:
         doc["files"] = files
     if files is not None and ids is not None:
-        data = ids.tobytes()
+        h = hashlib.blake2b(digest_size=16)
+        size = 0
+
+        def counted() -> Iterator[bytes | memoryview]:
+            nonlocal size
+            for piece in ids:
+                h.update(piece)
+                size += len(piece)
+                yield piece
+
         with contextlib.suppress(OSError):
-            write(out_dir / IDS_NAME, data)
-            doc["ids"] = {
-                "n": len(ids),
-                "digest": hashlib.blake2b(data, digest_size=16).hexdigest(),
-                "order": sys.byteorder,
-            }
+            write(out_dir / IDS_NAME, counted())
+            doc["ids"] = {"n": size // 8, "digest": h.hexdigest(), "order": sys.byteorder}
     with contextlib.suppress(OSError):  # a convenience: the next run validates again
         write(out_dir / VALIDATED_NAME, orjson.dumps(doc))
 
 
-def load_known_ids(out_dir: Path, validated: dict[str, Any]) -> array[int] | None:
-    """The sorted id digests ``validated`` (an ``inputs.json``) vouches for, or None (none kept, damaged)."""
+_IDS_SMALL = 100_000  # up to this many known ids, a membership test reads them into a set
+_IDS_CHUNK = 8 << 20  # bytes of known ids merged with the new ones at a time
+
+
+@dataclass(frozen=True, slots=True)
+class KnownIds:
+    """The sorted id digests in ``inputs.ids``, read from the file as needed, never all held:
+    at ten million prompts the file is 80 MB, and a resumed start stays in flat memory."""
+
+    path: Path
+    n: int
+
+    def any_of(self, hashes: array[int]) -> bool:
+        """Whether any of ``hashes`` is among them (a binary search of the file per digest)."""
+        if not self.n or not len(hashes):
+            return False
+        if self.n <= _IDS_SMALL:
+            known = array("Q")
+            known.frombytes(self.path.read_bytes())
+            return not set(known).isdisjoint(hashes)
+        import numpy as np
+
+        k = np.memmap(self.path, dtype=np.uint64, mode="r", shape=(self.n,))
+        h = np.sort(np.frombuffer(hashes, dtype=np.uint64))
+        at = np.minimum(np.searchsorted(k, h), self.n - 1)
+        return bool((k[at] == h).any())
+
+    def merged(self, new: array[int]) -> Iterator[bytes]:
+        """Their bytes with the sorted ``new`` merged in, a chunk at a time."""
+        import numpy as np
+
+        fresh = np.frombuffer(new, dtype=np.uint64)
+        with open(self.path, "rb") as f:
+            while chunk := f.read(_IDS_CHUNK):
+                old = np.frombuffer(chunk, dtype=np.uint64)
+                cut = int(np.searchsorted(fresh, old[-1], side="right"))
+                yield np.sort(np.concatenate([old, fresh[:cut]]), kind="stable").tobytes()
+                fresh = fresh[cut:]
+        yield fresh.tobytes()
+
+
+def load_known_ids(out_dir: Path, validated: dict[str, Any]) -> KnownIds | None:
+    """The id digests ``validated`` (an ``inputs.json``) vouches for, or None (none kept, damaged)."""
     meta = validated.get("ids")
-    if not isinstance(meta, dict) or meta.get("order") != sys.byteorder:
+    if not isinstance(meta, dict) or meta.get("order") != sys.byteorder or not isinstance(meta.get("n"), int):
         return None
     path = out_dir / IDS_NAME
+    h = hashlib.blake2b(digest_size=16)
+    size = 0
     try:
         if path.is_symlink():
             return None
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            while piece := f.read(_READ):
+                h.update(piece)
+                size += len(piece)
     except OSError:
         return None
-    if len(data) != 8 * meta.get("n", -1) or hashlib.blake2b(data, digest_size=16).hexdigest() != meta.get("digest"):
+    if size != 8 * meta["n"] or h.hexdigest() != meta.get("digest"):
         return None
-    ids = array("Q")
-    ids.frombytes(data)
-    return ids
-
-
-def merge_ids(known: array[int], new: array[int]) -> array[int]:
-    """Two sorted id digest arrays as one (both are sorted: ``jobs.validate`` leaves its own so)."""
-    if len(known) + len(new) <= 100_000:
-        return array("Q", sorted(itertools.chain(known, new)))
-    import numpy as np
-
-    merged = np.concatenate([np.frombuffer(known, dtype=np.uint64), np.frombuffer(new, dtype=np.uint64)])
-    merged.sort(kind="stable")
-    out = array("Q")
-    out.frombytes(merged.tobytes())
-    return out
+    return KnownIds(path, meta["n"])
 
 
 class Watermark:

@@ -18,7 +18,6 @@ import itertools
 import math
 import time
 import uuid
-from array import array
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,7 +186,8 @@ class Runner:
             if validated is not None or key is None
             else resume.appended_inputs(cfg.out_dir, self.inputs, self._shaping())
         )
-        ids = None  # the inputs' sorted id digests, when they were (partly) validated now
+        # The bytes of the inputs' sorted id digests, when they were (partly) validated now.
+        ids: Iterable[bytes | memoryview] | None = None
         if self.records is not None:
             self.total = len(self.records) * cfg.samples
             for r in self.records:
@@ -205,9 +205,11 @@ class Runner:
             if report.warnings:
                 self.notices.append(report.format_warnings())
             self._models = report.models
-            ids = report.ids
+            ids = [memoryview(report.ids).cast("B")]
+            valid = report.records
+            del report  # its id digests (8 bytes a prompt) must not live as long as the run
             if cfg.shard is None:
-                self.total = report.records * cfg.samples
+                self.total = valid * cfg.samples
             else:
                 self.total = cfg.samples * sum(
                     1 for r in jobs.iter_records(self.inputs, **input_options(cfg)) if in_shard(r.id, cfg.shard)
@@ -220,6 +222,7 @@ class Runner:
                 notes = "\n".join(self.notices)
                 files = appended.states if appended is not None else resume.file_states(self.inputs)
                 resume.save_validation(cfg.out_dir, key, self.total, notes, self._models, write_atomic, files, ids)
+            del ids  # flat memory: the id digests (8 bytes a prompt) do not outlive validation
             grown = None if appended is None else (appended.old_key, appended.first_grown)
             index = self._ledger.open(prefix_key=key, appended=grown)
             self._prefix = index.prefix
@@ -409,9 +412,9 @@ class Runner:
             "json_mode": cfg.json_mode,
         }
 
-    def _validate_appended(self, appended: resume.Appended | None) -> array[int] | None:
-        """Validate only the lines appended since the last run validated the rest; the inputs'
-        sorted id digests, or None when everything must be validated again (no ids kept, a shard,
+    def _validate_appended(self, appended: resume.Appended | None) -> Iterable[bytes] | None:
+        """Validate only the lines appended since the last run validated the rest; the bytes of the
+        inputs' sorted id digests, or None when everything must be validated again (no ids kept, a shard,
         a problem or a warning on the new lines: the full pass names them exactly)."""
         cfg = self.config
         if appended is None or cfg.shard is not None:
@@ -419,7 +422,7 @@ class Runner:
         known = resume.load_known_ids(cfg.out_dir, appended.validated)
         if known is None:
             return None
-        report = jobs.validate(self.inputs, **input_options(cfg), start=appended.starts, known_ids=known)
+        report = jobs.validate(self.inputs, **input_options(cfg), start=appended.starts, known_ids=known.any_of)
         if not report.ok() or report.warnings:
             return None
         before = appended.validated
@@ -429,7 +432,7 @@ class Runner:
             self._models.setdefault(model, [path, line, 0])[2] += count
         if before.get("warnings"):
             self.notices.append(before["warnings"])
-        return resume.merge_ids(known, report.ids)
+        return known.merged(report.ids)
 
     def _done_prefix(self) -> DonePrefix | None:
         """Where the next run may start reading: before it, every request was answered ok."""

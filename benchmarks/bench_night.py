@@ -275,7 +275,7 @@ def main() -> None:
             peak = run["peak_mb"]
             print(f"run RSS at 10/25/50/75/100% of its wall, {r['n']:,} prompts: {trace} MB (peak {peak:.0f})")
         sim_mb = ", ".join(f"{r['sim_peak_mb']:.0f} MB at {r['n']:,}" for r in results)
-        print(f"simulator peak RSS, largest process: {sim_mb} (its Billing keeps a record per request)")
+        print(f"simulator peak RSS, largest process: {sim_mb} (the farm keeps no billing records)")
         rep_ratio = big["report"]["peak_mb"] / first["report"]["peak_mb"]
         print(f"peak RSS of report, {big['n']:,} / {first['n']:,} prompts: {rep_ratio:.2f}x")
         run_max = max(r["run"]["peak_mb"] for r in results)

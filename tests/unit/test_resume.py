@@ -6,6 +6,7 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -84,3 +85,36 @@ def test_what_the_mark_passed_is_forgotten_and_what_is_tracked_stays_near_the_co
     assert mark.mark == 20_000 and not mark.given_up
     assert largest <= 3 * window, largest  # the order forgets from its front as the mark advances
     assert len(mark._pos) == len(mark._order) <= 1 and len(mark._keys) <= 1
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_known_ids_answer_membership_and_merge_in_order_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: bool
+) -> None:
+    from array import array
+
+    from batchgate import resume
+    from batchgate.ledger import write_atomic
+
+    if not small:  # the memory-mapped search and a merge over many chunks
+        monkeypatch.setattr(resume, "_IDS_SMALL", 10)
+        monkeypatch.setattr(resume, "_IDS_CHUNK", 8 * 7)
+    rng = random.Random(5)
+    old = sorted({rng.getrandbits(64) for _ in range(500)})
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "x"}\n')
+    states = resume.file_states([f])
+    resume.save_validation(tmp_path, "k", 500, "", {}, write_atomic, states, [array("Q", old).tobytes()])
+    doc = resume.load_validation(tmp_path, "k")
+    assert doc is not None
+    known = resume.load_known_ids(tmp_path, doc)
+    assert known is not None and known.n == 500
+    assert known.any_of(array("Q", [old[123], 7]))
+    assert not known.any_of(array("Q", [v + 1 for v in old if v + 1 not in set(old)][:50]))
+    new = sorted({rng.getrandbits(64) for _ in range(40)} | {0, 2**64 - 1})
+    merged = b"".join(known.merged(array("Q", new)))
+    got = array("Q")
+    got.frombytes(merged)
+    assert list(got) == sorted(old + new)
+    (tmp_path / resume.IDS_NAME).write_bytes(b"\0" * 8 * 500)  # damaged: not trusted
+    assert resume.load_known_ids(tmp_path, doc) is None
