@@ -437,7 +437,9 @@ def _quantiles(con: duckdb.DuckDBPyConnection, keys: Sequence[str], column: str)
 
 
 def _key_expr(key: str) -> str:
-    return "strftime(day, '%Y-%m-%d')" if key == "day" else key
+    """A key as grouped: the column itself (a ``day`` DATE groups as such; its label is ``str(date)``,
+    YYYY-MM-DD, formatted once a group rather than once a row)."""
+    return key
 
 
 def _metrics(r: dict[str, Any]) -> dict[str, Any]:
