@@ -1,10 +1,13 @@
 """Finding ledgers and reading them into one typed, ordered Parquet staging file with DuckDB.
 
-The fast path is one parallel DuckDB scan of every ledger (``read_json`` with fixed column types,
-insertion order kept, so the staging file's row number is the ledger order).  A ledger DuckDB
+The fast path is one DuckDB scan of every ledger (``read_json`` with fixed column types, insertion
+order kept on one thread, so the staging file's row number is the ledger order).  A ledger DuckDB
 refuses (a torn tail, garbage, NUL bytes, a wrongly typed field) or that holds a non-string id goes
 down a checked path: its complete prefix is tried as is, then line by line, and the lines that are
 not ledger rows are left out and reported with their line numbers.
+
+Parts of one schema are joined into one Parquet file by copying their row groups as bytes
+(``join_parts``): ``requests.parquet`` after an append costs a file copy, not a re-encoding.
 """
 
 from __future__ import annotations
