@@ -6,7 +6,8 @@ with DuckDB) -> ``summary`` (aggregates) -> ``formats`` / ``text`` / ``charts`` 
 DuckDB, pyarrow and pandas are imported only inside the functions that use them.
 
 Each ledger's rows are staged once as typed Parquet parts in ``.report-cache/`` beside it (one per
-appended byte range), so a report after a run parses only what that run appended.  ``requests.parquet``
+appended byte range), so a report after a run parses only what that run appended; ``requests.parquet``
+is those parts' row groups joined as bytes, not re-encoded.  ``requests.parquet``
 has one fixed schema (``REQUEST_COLUMNS``, every field nullable), so runs read together, e.g.::
 
     duckdb -c "SELECT model, sum(total_cost_usd) FROM 'reports/*/requests.parquet' GROUP BY model"

@@ -15,7 +15,7 @@ from batchgate.errors import InputError
 from . import formats as report_files
 from . import page
 from .data import REPORT_FORMATS, REPORT_KEYS, ReportData
-from .load import Staged, connect, find_ledgers, stage
+from .load import Staged, connect, find_ledgers, join_parts, stage
 from .summary import (
     PARTITION_KEY,
     REQUESTS_VIEW,
@@ -91,7 +91,7 @@ def build_reports(
                 chart_data(con, data)
             if "parquet" in kinds and partition_by_day:
                 write_requests_by_day(con, scratch / DAY_DATASET)
-            elif "parquet" in kinds and not _part_is_the_table(staged):
+            elif "parquet" in kinds and not _parts_are_the_table(staged, scratch / "requests.parquet"):
                 write_requests(con, scratch / "requests.parquet")
         finally:
             con.close()
@@ -99,8 +99,6 @@ def build_reports(
             files.append(_swap_dir_into_place(scratch / DAY_DATASET, out / DAY_DATASET, scratch))
             _remove(out / "requests.parquet")
         elif "parquet" in kinds:
-            if _part_is_the_table(staged):  # one part, as it stands: its bytes are requests.parquet
-                shutil.copyfile(staged.parts[0].path, scratch / "requests.parquet")
             files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
             _remove(out / DAY_DATASET)
             report_files.summary_parquet(data.summary, data.key_columns, scratch / "summary.parquet")
@@ -151,8 +149,16 @@ def load_ledger(paths: Sequence[Path]) -> pd.DataFrame:
     return frame
 
 
-def _part_is_the_table(staged: Staged) -> bool:
-    return len(staged.parts) == 1 and staged.parts[0].recorded == str(staged.parts[0].ledger.parent)
+def _parts_are_the_table(staged: Staged, out: Path) -> bool:
+    """Write ``out`` from the parts' bytes when they hold the table as it stands (each part's ``ledger``
+    column names its run directory as reached now): one part is copied, several joined row group after
+    row group, with no re-encoding.  False, having written nothing, when DuckDB has to write it."""
+    if not staged.parts or any(p.recorded != str(p.ledger.parent) for p in staged.parts):
+        return False
+    if len(staged.parts) == 1:
+        shutil.copyfile(staged.parts[0].path, out)
+        return True
+    return join_parts([p.path for p in staged.parts], out)
 
 
 def _move_into_place(src: Path, dst: Path) -> Path:

@@ -319,6 +319,41 @@ def test_a_report_after_a_resume_reads_only_the_appended_bytes(tmp_path: Path) -
     assert again.totals["total_cost_usd"] == t["total_cost_usd"]
 
 
+def test_requests_of_several_parts_are_their_row_groups_joined_not_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After appends, requests.parquet is the parts' row groups joined byte for byte: DuckDB, pyarrow and
+    pandas read the same rows in ledger order with the one nullable schema, and nothing re-encodes them."""
+    from batchgate.reports import summary
+
+    run = tmp_path / "run"
+    path = write(run, [row(f"p{i}", retry_causes=["rate_limited"] * (i % 3)) for i in range(30)])
+    build_reports([run], formats=("csv",))
+    for n in range(3):  # three resumes: four parts
+        write(run, [row(f"p{i}", run_id=f"r{n}", started_at=f"2025-04-0{n + 2}T10:00:00Z") for i in range(n, 9, 2)])
+        build_reports([run], formats=("csv",))
+
+    def no_rewrite(*args: Any) -> None:
+        raise AssertionError("requests.parquet re-encoded")
+
+    monkeypatch.setattr(summary, "write_requests", no_rewrite)
+    monkeypatch.setattr("batchgate.reports.build.write_requests", no_rewrite)
+    build_reports([run], formats=("parquet",))
+    parts = sorted((run / CACHE_DIR).glob("part-*.parquet"))
+    assert len(parts) == 4
+    joined = run / "requests.parquet"
+    files = [str(p) for p in parts]
+    con = duckdb.connect()
+    got = con.execute("SELECT * FROM read_parquet(?)", [str(joined)]).fetchall()
+    assert got == con.execute("SELECT * FROM read_parquet(?)", [files]).fetchall()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r[list(REQUEST_COLUMNS).index("id")] for r in got] == [r["id"] for r in lines]  # ledger order
+    table = pq.read_table(joined)
+    assert table.num_rows == len(lines) and pq.ParquetFile(joined).metadata.num_row_groups == 4
+    assert table.schema.names == list(REQUEST_COLUMNS) and all(field.nullable for field in table.schema)
+    assert table.to_pandas()["retry_causes"].map(len).tolist() == [len(r["retry_causes"]) for r in lines]
+
+
 def test_a_ledger_rewritten_in_place_is_read_again_from_the_start(tmp_path: Path) -> None:
     run = tmp_path / "run"
     path = write(run, [row(f"p{i}") for i in range(5)])

@@ -684,6 +684,27 @@ def test_superseded_rows_are_the_same_by_window_and_by_hashes(
     assert small_csv == big_csv
 
 
+@pytest.mark.parametrize("slice_rows", [500_000, 7])
+def test_keys_seen_twice_and_more_are_superseded_alike_by_window_and_by_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_rows: int
+) -> None:
+    """Keys seen twice (their first row is superseded) beside keys seen 1, 3 and 5 times, over one or many slices."""
+    from batchgate.reports import summary
+
+    run = tmp_path / "resumed"
+    seen = {"once": 1, "twice-a": 2, "twice-b": 2, "thrice": 3, "five": 5}
+    order = [k for n in range(5) for k, times in seen.items() if n < times]
+    rows = [make_row(k, run_id=f"r{n}", prompt=n + 1, completion=n + 2) for n, k in enumerate(order)]
+    write_ledger(run, rows)
+    monkeypatch.setattr(summary, "_SLICE_ROWS", slice_rows)
+    got = []
+    for limit in (summary.SMALL_LEDGER_ROWS, 0):
+        monkeypatch.setattr(summary, "SMALL_LEDGER_ROWS", limit)
+        got.append(load_ledger([run / "results.jsonl"])["latest"].tolist())
+    last = {k: i for i, k in enumerate(order)}
+    assert got[0] == got[1] == [last[k] == i for i, k in enumerate(order)]
+
+
 @given(
     st.lists(st.tuples(st.integers(1, 10_000), st.integers(1, 10_000)), min_size=3, max_size=30),
     st.floats(1e-7, 1e-5),
