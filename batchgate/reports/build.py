@@ -15,7 +15,7 @@ from batchgate.errors import InputError
 from . import formats as report_files
 from . import page
 from .data import REPORT_FORMATS, REPORT_KEYS, ReportData
-from .load import Staged, connect, find_ledgers, join_parts, stage
+from .load import Staged, connect, find_ledgers, join_parts, sql_text, stage
 from .summary import (
     PARTITION_KEY,
     REQUESTS_VIEW,
@@ -29,6 +29,7 @@ from .summary import (
 from .text import text_table
 
 if TYPE_CHECKING:
+    import duckdb
     import pandas as pd
 
 __all__ = ["ALL_DIR", "DAY_DATASET", "ReportResult", "build_reports", "default_out_dir", "load_ledger"]
@@ -91,7 +92,7 @@ def build_reports(
                 chart_data(con, data)
             if "parquet" in kinds and partition_by_day:
                 write_requests_by_day(con, scratch / DAY_DATASET)
-            elif "parquet" in kinds and not _parts_are_the_table(staged, scratch / "requests.parquet"):
+            elif "parquet" in kinds and not _parts_are_the_table(con, staged, scratch / "requests.parquet"):
                 write_requests(con, scratch / "requests.parquet")
         finally:
             con.close()
@@ -149,16 +150,42 @@ def load_ledger(paths: Sequence[Path]) -> pd.DataFrame:
     return frame
 
 
-def _parts_are_the_table(staged: Staged, out: Path) -> bool:
+def _parts_are_the_table(con: duckdb.DuckDBPyConnection, staged: Staged, out: Path) -> bool:
     """Write ``out`` from the parts' bytes when they hold the table as it stands (each part's ``ledger``
     column names its run directory as reached now): one part is copied, several joined row group after
-    row group, with no re-encoding.  False, having written nothing, when DuckDB has to write it."""
+    row group, with no re-encoding.  False, having written nothing, when DuckDB has to write it.
+
+    A joined file is read back (its footer, every row group's row count, the last row) before it
+    counts: a footer rewritten wrong is never a report, it is written again by DuckDB.
+    """
     if not staged.parts or any(p.recorded != str(p.ledger.parent) for p in staged.parts):
         return False
     if len(staged.parts) == 1:
         shutil.copyfile(staged.parts[0].path, out)
         return True
-    return join_parts([p.path for p in staged.parts], out)
+    if not join_parts([p.path for p in staged.parts], out):
+        return False
+    import duckdb
+
+    rows = sum(p.rows for p in staged.parts)
+    try:
+        found = con.execute(
+            f"""SELECT (SELECT count(*) FROM read_parquet({sql_text(str(out))})),
+                       (SELECT sum(row_group_num_rows) FROM (SELECT DISTINCT row_group_id, row_group_num_rows
+                                                             FROM parquet_metadata({sql_text(str(out))}))),
+                       (SELECT id FROM read_parquet({sql_text(str(out))}, file_row_number = true)
+                        WHERE file_row_number = {rows - 1})"""
+        ).fetchone()
+        last = con.execute(
+            f"SELECT id FROM read_parquet({sql_text(str(staged.parts[-1].path))}, file_row_number = true) "
+            f"WHERE file_row_number = {staged.parts[-1].rows - 1}"
+        ).fetchone()
+    except duckdb.Error:
+        found = last = None
+    if found is None or last is None or found[0] != rows or found[1] != rows or found[2] != last[0]:
+        out.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _move_into_place(src: Path, dst: Path) -> Path:

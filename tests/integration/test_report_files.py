@@ -354,6 +354,30 @@ def test_requests_of_several_parts_are_their_row_groups_joined_not_rewritten(
     assert table.to_pandas()["retry_causes"].map(len).tolist() == [len(r["retry_causes"]) for r in lines]
 
 
+@pytest.mark.parametrize("damage", ["garbage", "a row short"])
+def test_a_joined_file_that_does_not_read_back_is_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    from batchgate.reports import build, load
+
+    run = tmp_path / "run"
+    write(run, [row(f"p{i}") for i in range(10)])
+    build_reports([run], formats=("csv",))
+    write(run, [row("p1", run_id="r2"), row("q", run_id="r2")])
+
+    def broken(parts: list[Path], out: Path) -> bool:
+        if damage == "garbage":
+            out.write_bytes(b"PAR1 not a footer PAR1")
+        else:
+            load.join_parts(parts[:1], out)  # a well-formed file that lacks the last part's rows
+        return True
+
+    monkeypatch.setattr(build, "join_parts", broken)
+    build_reports([run], formats=("parquet",))
+    got = duckdb.connect().execute(f"SELECT id FROM '{run / 'requests.parquet'}'").fetchall()
+    assert [g[0] for g in got] == [f"p{i}" for i in range(10)] + ["p1", "q"]  # DuckDB wrote it instead
+
+
 def test_a_ledger_rewritten_in_place_is_read_again_from_the_start(tmp_path: Path) -> None:
     run = tmp_path / "run"
     path = write(run, [row(f"p{i}") for i in range(5)])
