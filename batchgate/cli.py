@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -31,7 +31,9 @@ from .config import BASE_URL_ENV, DEFAULT_BASE_URL, KEY_ENV, RunConfig, load_api
 from .errors import BatchgateError, InputError, OutputLocked
 from .jobfile import load_job
 from .ledger import LEDGER_NAME
-from .runner import Runner
+
+if TYPE_CHECKING:
+    from .runner import Runner
 
 T = TypeVar("T")
 
@@ -449,6 +451,8 @@ def run(ctx: click.Context, **opts: Any) -> None:
     log = Log(opts["quiet"], opts["log_format"])
     config = _ensure_file_descriptors(config, log)
     _tune_gc()
+    from .runner import Runner  # aiohttp and the engine: only for the commands that send
+
     runner = Runner(inputs, config)
     summary = _run_loop(_drive(runner, opts, log, runner.run()))
     for notice in runner.notices:
@@ -537,6 +541,8 @@ def estimate_command(ctx: click.Context, **opts: Any) -> None:
     log = Log(opts["quiet"], opts["log_format"])
     config = _ensure_file_descriptors(config, log)
     plan = estimating.draw_sample(inputs, config, sample=opts["sample"], seed=opts["seed"])
+    from .runner import Runner
+
     runner = Runner(inputs, config, records=plan.drawn)
     summary = _run_loop(_drive(runner, opts, log, runner.run()))
     result = estimating.project_sample(plan, config, runner, summary)

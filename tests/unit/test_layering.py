@@ -137,3 +137,14 @@ def test_importing_batchgate_and_its_reports_loads_no_heavy_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cli_loads_the_engine_only_for_the_commands_that_send() -> None:
+    """`batchgate report`, `status`, `-V` and shell completion start without aiohttp, numpy or the runner."""
+    code = (
+        "import sys, batchgate, batchgate.cli; "
+        "print(sorted(m for m in ('aiohttp', 'numpy', 'batchgate.runner', 'batchgate.client') if m in sys.modules)); "
+        "batchgate.Runner; print('batchgate.runner' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True"]  # and `batchgate.Runner` still works, on first use
