@@ -234,6 +234,7 @@ class ResumeIndex:
     spilled_rows: int = 0  # rows folded back in from a spill file an earlier run left
     lines: int = 0  # lines of the ledger read (for the line numbers of damaged ones)
     prefix: tuple[int, int, int] | None = None  # (input, line, requests before it), all ok: start there
+    prefix_tail: tuple[int, int] | None = None  # where reading resumes should the inputs grow (DonePrefix.tail)
     from_cache: bool = False  # the resume index beside the ledger covered most of it
 
     @property
@@ -502,6 +503,9 @@ class DonePrefix:
     line: int
     requests: int
     beyond: list[tuple[str, str | None]] = field(default_factory=list)  # ok answers past the prefix
+    # Every input read to its end: (input, line) just past the last record, where a run resumes
+    # reading when lines were appended since (``input``/``line`` then say: past every input).
+    tail: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,6 +575,7 @@ def _save_index(
             "input": prefix.input,
             "line": prefix.line,
             "requests": prefix.requests,
+            "resume_at": None if prefix.tail is None else list(prefix.tail),
             "m": len(beyond),
             "lines": index.lines,
         }
@@ -604,10 +609,20 @@ def _load_columns(index_path: Path, offset: int, n: int) -> tuple[bool, _Columns
     return len(hi) == len(lo) == len(fp) == n, (hi, lo, fp)
 
 
-def _prefix_holds(pre: dict[str, Any], prefix_key: str | None, appended: tuple[str, int] | None) -> bool:
+def _prefix_start(
+    pre: dict[str, Any], prefix_key: str | None, appended: tuple[str, int] | None
+) -> tuple[int, int] | None:
+    """Where a stored prefix lets this run start reading, or None when it does not hold."""
     if prefix_key is not None and pre["key"] == prefix_key:
-        return True
-    return appended is not None and pre["key"] == appended[0] and int(pre["input"]) <= appended[1]
+        return int(pre["input"]), int(pre["line"])
+    if appended is None or pre["key"] != appended[0]:
+        return None
+    tail = pre.get("resume_at")
+    if isinstance(tail, list) and len(tail) == 2 and int(pre["input"]) > appended[1]:
+        at = (int(tail[0]), int(tail[1]))  # read to the end before: go on just past the last record
+    else:
+        at = (int(pre["input"]), int(pre["line"]))
+    return at if at[0] <= appended[1] else None  # never past a line that was appended
 
 
 def _load_index(
@@ -630,11 +645,14 @@ def _load_index(
         header, offset = found
         full, pre = header["full"], header.get("prefix")
         n = int(full["n"])
-        if pre is not None and _prefix_holds(pre, prefix_key, appended) and _valid_cover(pre, ledger):
+        at = None if pre is None else _prefix_start(pre, prefix_key, appended)
+        if pre is not None and at is not None and _valid_cover(pre, ledger):
             whole, columns = _load_columns(index_path, offset + 24 * n, int(pre["m"]))
             if whole:
                 index.answers.columns = columns
-                index.prefix = (int(pre["input"]), int(pre["line"]), int(pre["requests"]))
+                index.prefix = (at[0], at[1], int(pre["requests"]))
+                tail = pre.get("resume_at")
+                index.prefix_tail = (int(tail[0]), int(tail[1])) if isinstance(tail, list) and len(tail) == 2 else None
                 index.rows = int(full["rows"])
                 return int(pre["covered"]), int(pre["lines"]), _OldFull(full, index_path, offset, 24 * n)
         if not _valid_cover(full, ledger):

@@ -138,6 +138,7 @@ class Runner:
         self._models: dict[str, list[Any]] = {}  # model -> [path, line, records] of the inputs
         self.balance: Balance | None = None  # the key's balance at start, where the API tells it
         self._prefix: tuple[int, int, int] | None = None
+        self._prefix_tail: tuple[int, int] | None = None
         self._watermark: resume.Watermark | None = None
         self._seq = 0  # requests seen in input order (done ones included)
         self._last_pos: tuple[int, int, int] | None = None
@@ -226,6 +227,7 @@ class Runner:
             grown = None if appended is None else (appended.old_key, appended.first_grown)
             index = self._ledger.open(prefix_key=key, appended=grown)
             self._prefix = index.prefix
+            self._prefix_tail = index.prefix_tail
             if index.unreadable_lines:
                 lines = ", ".join(map(str, index.damaged_lines))
                 more = "" if index.unreadable_lines <= len(index.damaged_lines) else ", ..."
@@ -444,11 +446,12 @@ class Runner:
                 if not self._exhausted:
                     return None
                 at = self._prefix[:2] if self._prefix is not None else (len(self.inputs), 0)
-                return DonePrefix(key, at[0], at[1], mark.mark)
-            if not self._exhausted and self._last_pos[2] != self.config.samples - 1:
+                return DonePrefix(key, at[0], at[1], mark.mark, tail=self._prefix_tail)
+            i, line, sample = self._last_pos
+            if self._exhausted:  # past every input; should they grow, on just past the last record
+                return DonePrefix(key, len(self.inputs), 0, mark.mark, tail=(i, line + 1))
+            if sample != self.config.samples - 1:
                 return None
-            # Just past the last record read (not past the inputs): lines appended later are read.
-            i, line, _ = self._last_pos
             return DonePrefix(key, i, line + 1, mark.mark)
         found = mark.at_mark()
         if found is None:

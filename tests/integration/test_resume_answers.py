@@ -257,8 +257,9 @@ async def test_a_resumed_start_begins_after_the_done_prefix_and_never_rebuys(tmp
         assert second.ok + first.ok == 200 and second.skipped == first.ok
         third_runner = Runner([src], config(out, sim.base_url))
         third = await third_runner.run()
-        # Just past the last line read, not past the input: lines appended later are read.
-        assert third_runner._prefix == (0, 201, 200) and (third.requests, third.skipped) == (0, 200)
+        # Past every input (nothing read again), remembering where lines appended later begin.
+        assert third_runner._prefix == (1, 0, 200) and (third.requests, third.skipped) == (0, 200)
+        assert third_runner._prefix_tail == (0, 201)
         billed = [b["client_request_id"] for b in sim.billing.completed()]
     assert sorted(billed) == sorted(many)  # every answer bought exactly once
     ok = [r["id"] for r in rows(out) if r["status"] == "ok"]
