@@ -17,7 +17,8 @@ a setting that changes the requests, and both shortcuts are off for that run.
 a digest of its bytes, so an input that only grew (same file, its old bytes intact and ending a
 line) is known for the old file plus new lines.  The prefix saved under the old key then still
 holds, as long as it stops at or before the first input that grew (new lines are read, never
-skipped).  Validation runs again (new lines need checking, and ids must stay unique).
+skipped).  Only the new lines are validated: ``inputs.ids`` keeps the sorted id digests of the
+lines validated before, so a new id is checked against them without reading the old lines.
 """
 
 from __future__ import annotations
