@@ -1073,6 +1073,13 @@ def _statuses(text: str) -> tuple[int, ...]:
     "--default-max-tokens", type=int, default=4096, show_default=True, help="Cap when a request has no max_tokens."
 )
 @click.option("--billing-log", type=click.Path(dir_okay=False), default=None, help="Append what was billed as JSONL.")
+@click.option(
+    "--keep-records",
+    type=click.IntRange(min=0),
+    default=100_000,
+    show_default=True,
+    help="Billing records held in memory (totals stay exact; --billing-log keeps every one).",
+)
 @_guard
 def simulate(**opts: Any) -> None:
     """Serve a GonkaGate-compatible API with fault injection on loopback (for tests and demos)."""
@@ -1117,6 +1124,7 @@ def simulate(**opts: Any) -> None:
             growth_factor=opts["growth_factor"],
             default_max_tokens=opts["default_max_tokens"],
             billing_log=opts["billing_log"],
+            keep_records=opts["keep_records"],
         )
     except ValueError as exc:
         raise InputError(f"simulator: {exc}") from None

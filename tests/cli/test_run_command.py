@@ -129,3 +129,19 @@ def test_validate_checks_without_sending(tmp_path: Path) -> None:
     bad.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": 3}\n')
     res = bg("validate", str(bad), "--model", "sim-model", key=None)
     assert res.returncode == 2 and f"{bad}:2:" in res.stderr
+
+
+@pytest.mark.parametrize("simulator", [["--keep-records", "0"]], indirect=True)
+def test_a_simulator_keeping_no_records_still_bills_every_request_to_its_log(tmp_path: Path, simulator: Sim) -> None:
+    src = prompts(tmp_path / "p.jsonl", 20)
+    res = bg("run", str(src), "--model", "sim-model", "--base-url", simulator.url, "--out", str(tmp_path / "o"), "-q")
+    assert res.returncode == 0, res.stderr
+    assert simulator.settle() == 20 and {b["status"] for b in simulator.billing()} == {"completed"}
+
+
+def test_the_simulate_flag_default_is_the_simulators() -> None:
+    from batchgate.cli import simulate
+    from batchgate.simulator import DEFAULT_KEEP_RECORDS
+
+    (keep,) = [p for p in simulate.params if p.name == "keep_records"]
+    assert keep.default == DEFAULT_KEEP_RECORDS
