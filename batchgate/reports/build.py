@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from batchgate.errors import InputError
+from batchgate.ledger import write_atomic
 
 from . import formats as report_files
 from . import page
@@ -38,6 +43,7 @@ __all__ = ["ALL_DIR", "DAY_DATASET", "ReportResult", "build_reports", "default_o
 ALL_DIR = "_all"
 #: The requests as a hive dataset partitioned by day (``build_reports(partition_by_day=True)``).
 DAY_DATASET = "requests"
+REQUESTS_FILE = "requests.parquet"
 
 
 @dataclass
@@ -90,18 +96,28 @@ def build_reports(
             data = aggregate(con, staged, keys, prices)
             if "html" in kinds:
                 chart_data(con, data)
+            source = _source_of(staged) if "parquet" in kinds and not partition_by_day else None
+            unchanged = source is not None and _stamp_matches(out / REQUESTS_FILE, source)
             if "parquet" in kinds and partition_by_day:
                 write_requests_by_day(con, scratch / DAY_DATASET)
-            elif "parquet" in kinds and not _parts_are_the_table(con, staged, scratch / "requests.parquet"):
-                write_requests(con, scratch / "requests.parquet")
+            elif (
+                "parquet" in kinds and not unchanged and not _parts_are_the_table(con, staged, scratch / REQUESTS_FILE)
+            ):
+                write_requests(con, scratch / REQUESTS_FILE)
+                source = None  # written by DuckDB: no stamp
         finally:
             con.close()
         if "parquet" in kinds and partition_by_day:
             files.append(_swap_dir_into_place(scratch / DAY_DATASET, out / DAY_DATASET, scratch))
-            _remove(out / "requests.parquet")
+            _remove(out / REQUESTS_FILE)
         elif "parquet" in kinds:
-            files.append(_move_into_place(scratch / "requests.parquet", out / "requests.parquet"))
+            if unchanged:  # the very bytes it holds would be written again: leave it be
+                files.append(out / REQUESTS_FILE)
+            else:
+                files.append(_move_into_place(scratch / REQUESTS_FILE, out / REQUESTS_FILE))
+                _stamp(out / REQUESTS_FILE, source)
             _remove(out / DAY_DATASET)
+        if "parquet" in kinds:
             report_files.summary_parquet(data.summary, data.key_columns, scratch / "summary.parquet")
             files.append(_move_into_place(scratch / "summary.parquet", out / "summary.parquet"))
         if "csv" in kinds:
@@ -186,6 +202,51 @@ def _parts_are_the_table(con: duckdb.DuckDBPyConnection, staged: Staged, out: Pa
         out.unlink(missing_ok=True)
         return False
     return True
+
+
+def _source_of(staged: Staged) -> list[list[Any]] | None:
+    """What ``requests.parquet`` is made of when its bytes are the parts' (each part's path, size,
+    time and inode); None when DuckDB has to write it."""
+    if not staged.parts or any(p.recorded != str(p.ledger.parent) for p in staged.parts):
+        return None
+    try:
+        stats = [(p.path, p.path.stat()) for p in staged.parts]
+    except OSError:
+        return None
+    return [[str(path), st.st_size, st.st_mtime_ns, st.st_ino] for path, st in stats]
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.from")
+
+
+def _identity_of(target: Path) -> list[int] | None:
+    try:
+        st = os.stat(target, follow_symlinks=False)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino] if stat.S_ISREG(st.st_mode) else None
+
+
+def _stamp_matches(target: Path, source: list[list[Any]]) -> bool:
+    """Whether ``target`` is, untouched, what an earlier report wrote from these very parts."""
+    try:
+        stamp = orjson.loads(_stamp_path(target).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    here = _identity_of(target)
+    return isinstance(stamp, dict) and here is not None and stamp.get("parts") == source and stamp.get("file") == here
+
+
+def _stamp(target: Path, source: list[list[Any]] | None) -> None:
+    """Remember what ``target`` was written from (a convenience: without it the next report writes it again)."""
+    path = _stamp_path(target)
+    here = _identity_of(target)
+    with contextlib.suppress(OSError):
+        if source is None or here is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomic(path, orjson.dumps({"parts": source, "file": here}))
 
 
 def _move_into_place(src: Path, dst: Path) -> Path:

@@ -510,3 +510,30 @@ def test_a_first_run_and_its_report_never_import_numpy(tmp_path: Path) -> None:
     assert (tmp_path / "o" / "report.html").exists() and (tmp_path / "o" / "results.index").exists()
     ledger = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
     assert len(ledger) == 20
+
+
+def test_a_report_with_nothing_new_leaves_requests_parquet_as_it_is(tmp_path: Path) -> None:
+    """A cron rerun with nothing to do must not copy and fsync a multi-GB requests.parquet again."""
+    run = tmp_path / "run"
+    write(run, [row(f"p{i}") for i in range(10)])
+    build_reports([run], formats=("parquet",))
+    target = run / "requests.parquet"
+    first = target.stat()
+    again = build_reports([run], formats=("parquet",))
+    assert target in again.files
+    second = target.stat()
+    assert (second.st_ino, second.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not written again
+    os.utime(target, ns=(first.st_atime_ns, first.st_mtime_ns + 1_000_000_000))  # touched by someone
+    build_reports([run], formats=("parquet",))
+    assert target.stat().st_ino != first.st_ino  # written again
+    touched = target.stat()
+    write(run, [row("q", run_id="r2")])  # a resume appended a row: a new part
+    build_reports([run], formats=("parquet",))
+    assert target.stat().st_ino != touched.st_ino and pq.read_table(target).num_rows == 11
+    assert (run / "summary.parquet").exists()
+
+
+def test_the_day_partitioned_layout_still_writes_the_summary_parquet(tmp_path: Path) -> None:
+    run, _ = three_days(tmp_path)
+    result = build_reports([run], formats=("parquet",), partition_by_day=True)
+    assert run / "summary.parquet" in result.files and (run / "summary.parquet").exists()
