@@ -45,6 +45,7 @@ __all__ = [
     "complete_end",
     "ledger_spend",
     "lock_output_dir",
+    "open_attempts",
     "possibly_billed_of",
     "read_possibly_billed",
     "row_key",
@@ -837,34 +838,42 @@ class IntentLog:
 
 def _unresolved(path: Path) -> PossiblyBilled:
     """Attempts in an intents file without their done line (memory: what was in flight, not the file)."""
+    with open(path, "rb") as f:
+        return open_attempts(f)
+
+
+def open_attempts(lines: Iterable[bytes]) -> PossiblyBilled:
+    """The attempts an intents log's ``lines`` started and never finished (``batchgate status`` reads
+    a live run's log with them).  A line that does not parse (a torn last line) announced nothing sent.
+    """
     open_: dict[str, list[float]] = {}
     loads = orjson.loads
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                obj = loads(line)
-                key = obj["k"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn last line: the attempt it announced was never sent
-            if obj.get("done"):
-                open_.pop(key, None)
-                continue
-            entry = open_.setdefault(key, [0, 0.0, 0])
-            entry[0] += 1
-            worst = obj.get("w")
-            if isinstance(worst, int | float) and math.isfinite(worst):
-                entry[1] += float(worst)
-            else:
-                entry[2] += 1
+    for line in lines:
+        try:
+            obj = loads(line)
+            key = obj["k"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+        if obj.get("done"):
+            open_.pop(key, None)
+            continue
+        entry = open_.setdefault(key, [0, 0.0, 0])
+        entry[0] += 1
+        worst = obj.get("w")
+        if isinstance(worst, int | float) and not isinstance(worst, bool) and math.isfinite(worst):
+            entry[1] += float(worst)
+        else:
+            entry[2] += 1
     return _open_total(open_)
 
 
 def _open_total(open_: dict[str, list[float]]) -> PossiblyBilled:
-    """The sum of open intents, each ``[attempts, worst usd, unpriced attempts]``."""
-    total = PossiblyBilled()
-    for attempts, usd, unpriced in open_.values():
-        total.add(PossiblyBilled(int(attempts), usd, int(unpriced)))
-    return total
+    """The sum of open intents, each ``[attempts, worst usd, unpriced attempts]`` (the USD exactly)."""
+    return PossiblyBilled(
+        int(sum(e[0] for e in open_.values())),
+        math.fsum(e[1] for e in open_.values()),
+        int(sum(e[2] for e in open_.values())),
+    )
 
 
 def _record_possibly_billed(out_dir: Path, run_id: str, found: PossiblyBilled) -> None:

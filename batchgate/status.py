@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import math
 import os
 import re
 from array import array
@@ -25,7 +24,15 @@ import numpy as np
 import orjson
 
 from .errors import InputError
-from .ledger import INTENTS_DIR, LEDGER_NAME, LOCK_NAME, SPILL_NAME, complete_end, read_possibly_billed
+from .ledger import (
+    INTENTS_DIR,
+    LEDGER_NAME,
+    LOCK_NAME,
+    SPILL_NAME,
+    complete_end,
+    open_attempts,
+    read_possibly_billed,
+)
 
 __all__ = [
     "RunFile",
@@ -466,43 +473,13 @@ def _add_possibly_billed(st: Status, out_dir: Path) -> None:
     st.possibly_billed_unpriced += recorded.unpriced
     logs = sorted((out_dir / INTENTS_DIR).glob("*.jsonl")) if (out_dir / INTENTS_DIR).is_dir() else []
     for n, log in enumerate(logs):
-        attempts, usd, unpriced = _open_attempts(log)
+        left = open_attempts(_complete_lines(log))  # a live run may be appending: whole lines only
         if st.running and n == len(logs) - 1:  # the live run's own log (run ids sort by start time)
-            st.in_flight += attempts
+            st.in_flight += left.attempts
         else:
-            st.possibly_billed_attempts += attempts
-            st.possibly_billed_usd += usd
-            st.possibly_billed_unpriced += unpriced
-
-
-def _open_attempts(path: Path) -> tuple[int, float, int]:
-    """(attempts, worst USD, attempts without a price) started in an intents log and not done.
-
-    Lines are ``{"k": key, "a": attempt, "w": worst_usd}`` before a send and ``{"k": key,
-    "done": true}`` once the key's row is in the ledger; memory holds only the open keys.
-    """
-    open_: dict[str, list[float]] = {}
-    for line in _complete_lines(path):
-        try:
-            obj = orjson.loads(line)
-            key = obj["k"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            continue
-        if obj.get("done"):
-            open_.pop(key, None)
-            continue
-        entry = open_.setdefault(key, [0, 0.0, 0])
-        entry[0] += 1
-        worst = obj.get("w")
-        if isinstance(worst, int | float) and not isinstance(worst, bool) and math.isfinite(worst):
-            entry[1] += float(worst)
-        else:
-            entry[2] += 1
-    return (
-        int(sum(e[0] for e in open_.values())),
-        math.fsum(e[1] for e in open_.values()),
-        int(sum(e[2] for e in open_.values())),
-    )
+            st.possibly_billed_attempts += left.attempts
+            st.possibly_billed_usd += left.usd
+            st.possibly_billed_unpriced += left.unpriced
 
 
 def _complete_lines(path: Path) -> Iterator[bytes]:
