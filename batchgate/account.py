@@ -83,6 +83,19 @@ async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tu
         raise _Unreachable(f"{type(exc).__name__}: {getattr(exc, 'os_error', None) or exc}") from None
 
 
+async def _optional_data(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Any:
+    """The object an optional endpoint answers 200 with (inside its ``data`` envelope, or bare);
+    None when it cannot be reached or answers anything else: these endpoints never fail a run."""
+    try:
+        status, body, _ = await _get(session, url, timeout_s)
+    except (_Unreachable, TimeoutError, aiohttp.ClientError):
+        return None
+    if status != 200:
+        return None
+    data = _field(body, "data")
+    return data if isinstance(data, dict) else body
+
+
 def _field(obj: Any, *path: str) -> Any:
     for key in path:
         if not isinstance(obj, dict):
@@ -143,15 +156,7 @@ async def fetch_catalog(
 
 async def fetch_balance(session: aiohttp.ClientSession, base_url: str, *, timeout_s: float = 10.0) -> Balance | None:
     """The key's USD balance from ``GET {root}/api/v1/whoami``; None when absent or unreadable."""
-    try:
-        status, body, _ = await _get(session, api_root(base_url) + "/api/v1/whoami", timeout_s)
-    except (_Unreachable, TimeoutError, aiohttp.ClientError):
-        return None
-    if status != 200:
-        return None
-    data = _field(body, "data")
-    if not isinstance(data, dict):
-        data = body
+    data = await _optional_data(session, api_root(base_url) + "/api/v1/whoami", timeout_s)
     balance = _field(data, "balance")
     raw = _field(balance, "usd") if isinstance(balance, dict) else balance
     try:
@@ -177,15 +182,7 @@ async def fetch_pricing(
     Entries that cannot be read are skipped; a fee missing from an entry comes from the
     published fee rate, a total missing from network + fee.
     """
-    try:
-        status, body, _ = await _get(session, api_root(base_url) + "/api/v1/public/pricing", timeout_s)
-    except (_Unreachable, TimeoutError, aiohttp.ClientError):
-        return None
-    if status != 200:
-        return None
-    data = _field(body, "data")
-    if not isinstance(data, dict):
-        data = body
+    data = await _optional_data(session, api_root(base_url) + "/api/v1/public/pricing", timeout_s)
     models = _field(data, "models")
     if not isinstance(models, list):
         return None
