@@ -925,7 +925,7 @@ class _SSEResponse(web.StreamResponse):
 class _Out:
     """Buffered chunk writer for one stream; ``sent`` counts units (tokens, or a rich answer's chunks) sent."""
 
-    __slots__ = ("buf", "pending", "resp", "sent", "usage_written")
+    __slots__ = ("billed", "buf", "pending", "resp", "sent", "usage_written")
 
     def __init__(self, resp: web.StreamResponse) -> None:
         self.resp = resp
@@ -933,6 +933,7 @@ class _Out:
         self.pending = 0
         self.sent = 0
         self.usage_written = False
+        self.billed = False  # the fault's own cut billed it: nothing more to bill at the end
 
     async def flush(self, *, last: bool = False) -> None:
         """Write the buffer; ``last`` also ends the chunked body (the buffer holds the usage chunk)."""
@@ -1323,6 +1324,34 @@ class _Simulator:
         await resp.prepare(request)
         return resp, _Out(resp)
 
+    async def _at_fault(
+        self, request: web.Request, call: _Call, resp: web.StreamResponse, out: _Out, fault: _Fault
+    ) -> bool:
+        """At the fault's position: stall, then go on (False), or cut the stream there, billed (True)."""
+        await out.flush()
+        if fault is _Fault.STALL:
+            await self._stall(request)
+            return False
+        if fault is _Fault.MIDSTREAM:
+            out.buf.append(_MIDSTREAM_ERROR)
+            await out.flush()
+        out.billed = True
+        self._end_cut(request, call, out.sent, fault)
+        if fault is _Fault.MIDSTREAM:
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write_eof()
+        return True
+
+    def _bill_at_end(self, call: _Call, out: _Out, fault: _Fault) -> None:
+        """However the stream ended, unless its fault billed the cut: completed once its usage went out,
+        else cut where it stood (a stall, or the client leaving)."""
+        if out.billed:
+            return
+        if out.usage_written:
+            self._bill(call, None, "completed", "stall" if fault is _Fault.STALL else None)
+        else:
+            self._bill(call, out.sent, "cut", "stall" if fault is _Fault.STALL else "disconnect")
+
     def _end_cut(self, request: web.Request, call: _Call, units: int, fault: _Fault) -> None:
         self._release(call)
         self._bill(call, units, "cut", fault.value)
@@ -1352,7 +1381,6 @@ class _Simulator:
         resp, out = await self._prepare(request, call)
         out.buf.append(head + _ROLE_DELTA)
         # Set to None once billed; otherwise the finally clause bills the stream.
-        cut_reason: str | None = "stall" if fault is _Fault.STALL else "disconnect"
         try:
             if fault_at < 0 and keepalive_rng is None and delay == 0 and config.first_token_delay_s == 0:
                 # Fast path: the whole answer in one write.
@@ -1370,20 +1398,8 @@ class _Simulator:
                     await asyncio.sleep(config.first_token_delay_s)
                 start = 0
                 while start < n:
-                    if start == fault_at:
-                        await out.flush()
-                        if fault is _Fault.STALL:
-                            await self._stall(request)
-                        else:
-                            if fault is _Fault.MIDSTREAM:
-                                out.buf.append(_MIDSTREAM_ERROR)
-                                await out.flush()
-                            cut_reason = None
-                            self._end_cut(request, call, out.sent, fault)
-                            if fault is _Fault.MIDSTREAM:
-                                with contextlib.suppress(ConnectionResetError):
-                                    await resp.write_eof()
-                            return resp
+                    if start == fault_at and await self._at_fault(request, call, resp, out, fault):
+                        return resp
                     # A chunk never straddles the fault position.
                     end = min(n, start + per_chunk, fault_at if start < fault_at else n)
                     if delay > 0 and start > 0:
@@ -1406,11 +1422,7 @@ class _Simulator:
             # The client went away; aiohttp's own write_eof() after we return fails quietly.
             return resp
         finally:
-            if cut_reason is not None:
-                if out.usage_written:
-                    self._bill(call, None, "completed", "stall" if fault is _Fault.STALL else None)
-                else:
-                    self._bill(call, out.sent, "cut", cut_reason)
+            self._bill_at_end(call, out, fault)
         return resp
 
     async def _stream_rich(
@@ -1435,23 +1447,10 @@ class _Simulator:
         batch_limit = _CHUNKS_PER_WRITE if delay == 0 else 1
 
         resp, out = await self._prepare(request, call)
-        cut_reason: str | None = "stall" if fault is _Fault.STALL else "disconnect"
         try:
             for k, chunk in enumerate(chunks):
-                if k == fault_at:
-                    await out.flush()
-                    if fault is _Fault.STALL:
-                        await self._stall(request)
-                    else:
-                        if fault is _Fault.MIDSTREAM:
-                            out.buf.append(_MIDSTREAM_ERROR)
-                            await out.flush()
-                        cut_reason = None
-                        self._end_cut(request, call, out.sent, fault)
-                        if fault is _Fault.MIDSTREAM:
-                            with contextlib.suppress(ConnectionResetError):
-                                await resp.write_eof()
-                        return resp
+                if k == fault_at and await self._at_fault(request, call, resp, out, fault):
+                    return resp
                 if k == first_token and config.first_token_delay_s > 0:
                     await out.flush()
                     await asyncio.sleep(config.first_token_delay_s)
@@ -1472,11 +1471,7 @@ class _Simulator:
         except ConnectionResetError:
             return resp
         finally:
-            if cut_reason is not None:
-                if out.usage_written:
-                    self._bill(call, None, "completed", "stall" if fault is _Fault.STALL else None)
-                else:
-                    self._bill(call, out.sent, "cut", cut_reason)
+            self._bill_at_end(call, out, fault)
         return resp
 
     async def _stall(self, request: web.Request) -> None:
