@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
+from chatserver import Handler, serve
 
 from batchgate.client import StallWatch, make_session, parse_retry_after, stream_completion
 from batchgate.errors import (
@@ -22,15 +22,6 @@ from batchgate.errors import (
     StreamProtocolError,
 )
 from batchgate.simulator import SimulatorConfig, running_simulator
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-async def serve(aiohttp_server: Any, handler: Handler) -> str:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    server = await aiohttp_server(app)
-    return str(server.make_url("/v1/chat/completions"))
 
 
 async def attempt(url: str, *, idle_s: float = 2.0) -> Any:

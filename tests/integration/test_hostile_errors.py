@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
+from chatserver import BODY, Handler, serve
 
 from batchgate.client import RETRY_AFTER_CAP_S, Completion, StallWatch, make_session, stream_completion
 from batchgate.errors import (
@@ -29,16 +29,7 @@ from batchgate.errors import (
     StreamInterrupted,
 )
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEY = "gp-Error7Test.Key_abcdef"
-BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-
-
-async def serve(aiohttp_server: Any, handler: Handler) -> str:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    server = await aiohttp_server(app)
-    return str(server.make_url("/v1/chat/completions"))
 
 
 async def attempt(url: str) -> Completion:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
+from chatserver import BODY, Handler, serve
 
 from batchgate.client import AttemptLimits, Completion, StallWatch, make_session, stream_completion
 from batchgate.errors import (
@@ -24,16 +24,7 @@ from batchgate.errors import (
     StreamProtocolError,
 )
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEY = "gp-hostile-stream-key-0123"
-BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-
-
-async def serve(aiohttp_server: Any, handler: Handler) -> str:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    server = await aiohttp_server(app)
-    return str(server.make_url("/v1/chat/completions"))
 
 
 async def attempt(url: str, *, idle_s: float = 2.0, limits: AttemptLimits | None = None) -> Completion:
