@@ -166,6 +166,12 @@ def load_ledger(paths: Sequence[Path]) -> pd.DataFrame:
     return frame
 
 
+def _parts_as_they_stand(staged: Staged) -> bool:
+    """Whether the parts' bytes are the requests table: each part's ``ledger`` column names its run
+    directory as reached now (a part staged through another path holds another name)."""
+    return bool(staged.parts) and all(p.recorded == str(p.ledger.parent) for p in staged.parts)
+
+
 def _parts_are_the_table(con: duckdb.DuckDBPyConnection, staged: Staged, out: Path) -> bool:
     """Write ``out`` from the parts' bytes when they hold the table as it stands (each part's ``ledger``
     column names its run directory as reached now): one part is copied, several joined row group after
@@ -174,7 +180,7 @@ def _parts_are_the_table(con: duckdb.DuckDBPyConnection, staged: Staged, out: Pa
     A joined file is read back (its footer, every row group's row count, the last row) before it
     counts: a footer rewritten wrong is never a report, it is written again by DuckDB.
     """
-    if not staged.parts or any(p.recorded != str(p.ledger.parent) for p in staged.parts):
+    if not _parts_as_they_stand(staged):
         return False
     if len(staged.parts) == 1:
         shutil.copyfile(staged.parts[0].path, out)
@@ -207,7 +213,7 @@ def _parts_are_the_table(con: duckdb.DuckDBPyConnection, staged: Staged, out: Pa
 def _source_of(staged: Staged) -> list[list[Any]] | None:
     """What ``requests.parquet`` is made of when its bytes are the parts' (each part's path, size,
     time and inode); None when DuckDB has to write it."""
-    if not staged.parts or any(p.recorded != str(p.ledger.parent) for p in staged.parts):
+    if not _parts_as_they_stand(staged):
         return None
     try:
         stats = [(p.path, p.path.stat()) for p in staged.parts]
