@@ -99,7 +99,10 @@ def build_reports(
             source = _source_of(staged) if "parquet" in kinds and not partition_by_day else None
             unchanged = source is not None and _stamp_matches(out / REQUESTS_FILE, source)
             if "parquet" in kinds and partition_by_day:
-                write_requests_by_day(con, scratch / DAY_DATASET)
+                try:
+                    write_requests_by_day(con, scratch / DAY_DATASET)
+                except OSError as e:  # a full or failing disk: name the report, not a scratch path
+                    raise InputError(f"{out / DAY_DATASET}: cannot write the report: {e.strerror or e}") from e
             elif (
                 "parquet" in kinds and not unchanged and not _parts_are_the_table(con, staged, scratch / REQUESTS_FILE)
             ):

@@ -537,3 +537,21 @@ def test_the_day_partitioned_layout_still_writes_the_summary_parquet(tmp_path: P
     run, _ = three_days(tmp_path)
     result = build_reports([run], formats=("parquet",), partition_by_day=True)
     assert run / "summary.parquet" in result.files and (run / "summary.parquet").exists()
+
+
+def test_a_full_disk_under_the_day_partitions_is_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import pyarrow.dataset as ds
+
+    run, _ = three_days(tmp_path)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ds, "write_dataset", full)
+    res = CliRunner().invoke(main, ["report", str(run), "--partition-by-day", "--format", "parquet"])
+    assert res.exit_code == 2 and f"{run / 'requests'}: cannot write the report: No space left" in res.output
+    assert not (run / "requests").exists() and not leftovers(run)
